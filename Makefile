@@ -1,0 +1,45 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Each installs what it needs: a .venv via pip
+# (pinned by constraints.txt) and the Kafka broker jars via Maven (cached outside git, see docs/operations.md).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help install kafka-jars lint typecheck test demo bench bench-quick clean
+
+help:
+	@echo "make demo   - start Kafka and the hub, run the main job on embedded defaults"
+	@echo "make test   - install, lint (ruff), type-check (mypy --strict), run every test against a real broker"
+	@echo "make bench  - measure the hub next to raw Kafka clients on the same broker"
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+kafka-jars: $(STAMP)
+	$(PY) -m services.shared.local_kafka
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check services tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: install kafka-jars lint typecheck
+	$(PY) -m pytest
+
+demo: install kafka-jars
+	$(VENV)/bin/evhub demo
+
+bench: install kafka-jars
+	$(PY) -m bench
+
+bench-quick: install kafka-jars
+	$(PY) -m bench --quick
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,40 @@
+"""Sub-commands of ``evhub``. Each handler is ``async def (args) -> exit code``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from services.shared.cluster import akafka_cluster
+from services.shared.kafka import ensure_topics, hub_topics
+from services.shared.settings import KafkaSettings
+
+DEMO_JURISDICTIONS = ("DE", "FR", "SE")
+
+
+def register(sub: Any) -> None:
+    kafka = sub.add_parser("kafka", help="run the embedded single-node Kafka broker until Ctrl-C")
+    kafka.add_argument("--jurisdiction", action="append", default=[], help="also create evidence.<J> (repeatable)")
+    kafka.set_defaults(handler=run_kafka)
+    demo = sub.add_parser("demo", help="run the main job end to end on embedded defaults")
+    demo.set_defaults(handler=run_demo, jurisdiction=list(DEMO_JURISDICTIONS))
+
+
+async def run_kafka(args: argparse.Namespace) -> int:
+    settings = KafkaSettings()
+    async with akafka_cluster(settings) as target:
+        created = await ensure_topics(target.bootstrap, hub_topics(args.jurisdiction))
+        print(f"Kafka ({target.kind}) at {target.bootstrap}"
+              + (f", started in {target.startup_seconds:.1f}s, pid {target.pid}" if target.pid else ""))
+        if target.log_file:
+            print(f"broker log: {target.log_file}")
+        print(f"topics created: {', '.join(created) or '(all existed)'}")
+        print("Ctrl-C stops it.", flush=True)
+        await asyncio.Event().wait()
+    return 0
+
+
+async def run_demo(args: argparse.Namespace) -> int:
+    """The whole story on one machine. For now: the broker and the hub's topics."""
+    return await run_kafka(args)

@@ -1,0 +1,67 @@
+"""``evhub`` entry point: parses arguments, configures logging once, maps errors to exit codes.
+
+Exit codes: 0 ok · 1 a check failed (e.g. verification found problems) · 2 usage or bad input ·
+3 untrusted data · 4 infrastructure unavailable (retry later) · 5 configuration · 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from services.cli import commands
+from services.shared.errors import (
+    ConfigurationError,
+    DecodeError,
+    EvidenceHubError,
+    InfrastructureError,
+    InputError,
+    PolicyError,
+    TrustError,
+)
+
+EXIT_CODES: list[tuple[type[EvidenceHubError], int]] = [
+    (InputError, 2),
+    (DecodeError, 2),
+    (PolicyError, 2),
+    (TrustError, 3),
+    (InfrastructureError, 4),
+    (ConfigurationError, 5),
+]
+
+
+def exit_code_for(error: EvidenceHubError) -> int:
+    for family, code in EXIT_CODES:
+        if isinstance(error, family):
+            return code
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evhub", description="Evidence Hub command line")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
+        stream=sys.stderr,
+    )
+    try:
+        result: int = asyncio.run(args.handler(args))
+        return result
+    except EvidenceHubError as exc:
+        print(f"evhub: {exc.detail}", file=sys.stderr)
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        print("evhub: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Code two or more services need: envelope, Avro codec, keys, Kafka wiring, settings, errors."""

@@ -1,0 +1,130 @@
+"""The one exception root of Evidence Hub, and its families by origin.
+
+    EvidenceHubError                 (http_status 500, retriable False)
+    ├── InputError                   the caller sent something wrong            → 4xx, never retried
+    │   ├── ValidationFailed         a model or field is malformed (422, carries field errors)
+    │   ├── PayloadTooLarge          over a configured size limit (413)
+    │   ├── UnsupportedMediaType     bytes don't match the declared type (415)
+    │   ├── NotFound                 no such item / version (404)
+    │   └── Conflict                 an idempotency or append race (409)
+    ├── TrustError                   a signature, key or envelope can't be trusted (one opaque message)
+    │   ├── InvalidSignature         any way a signature can be wrong (422 at the edge)
+    │   └── UntrustedKey             unknown, expired, revoked or weak key
+    ├── DecodeError                  untrusted bytes failed bounded decoding (Avro, cursor, …) (422)
+    ├── PolicyError                  a policy version failed to parse, validate or verify (422)
+    ├── InfrastructureError          a dependency failed                        → 503, retriable
+    │   ├── KafkaUnavailable         the cluster did not accept or answer in time
+    │   ├── StoreUnavailable         the content store or database failed
+    │   └── BrokerStartError         the embedded development broker could not start
+    └── ConfigurationError           the service is misconfigured; it refuses to start (500)
+
+Classification lives on the classes (``http_status``, ``retriable``, ``title``): the HTTP layer turns errors
+into RFC 9457 problem+json and the CLI into exit codes, and nothing else inspects them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class EvidenceHubError(Exception):
+    http_status: ClassVar[int] = 500
+    retriable: ClassVar[bool] = False
+    title: ClassVar[str] = "Internal error"
+    type_slug: ClassVar[str] = "internal"
+
+    def __init__(self, detail: str, **extensions: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extensions = extensions
+
+
+class InputError(EvidenceHubError):
+    http_status = 400
+    title = "Bad request"
+    type_slug = "bad-request"
+
+
+class ValidationFailed(InputError):
+    http_status = 422
+    title = "Invalid input"
+    type_slug = "validation"
+
+
+class PayloadTooLarge(InputError):
+    http_status = 413
+    title = "Payload too large"
+    type_slug = "too-large"
+
+
+class UnsupportedMediaType(InputError):
+    http_status = 415
+    title = "Media type does not match content"
+    type_slug = "media-type"
+
+
+class NotFound(InputError):
+    http_status = 404
+    title = "Not found"
+    type_slug = "not-found"
+
+
+class Conflict(InputError):
+    http_status = 409
+    title = "Conflict"
+    type_slug = "conflict"
+
+
+class TrustError(EvidenceHubError):
+    http_status = 422
+    title = "Untrusted"
+    type_slug = "untrusted"
+
+
+class InvalidSignature(TrustError):
+    title = "Invalid signature"
+    type_slug = "invalid-signature"
+
+
+class UntrustedKey(TrustError):
+    title = "Untrusted key"
+    type_slug = "untrusted-key"
+
+
+class DecodeError(EvidenceHubError):
+    http_status = 422
+    title = "Undecodable input"
+    type_slug = "decode"
+
+
+class PolicyError(EvidenceHubError):
+    http_status = 422
+    title = "Invalid policy"
+    type_slug = "policy"
+
+
+class InfrastructureError(EvidenceHubError):
+    http_status = 503
+    retriable = True
+    title = "Service unavailable"
+    type_slug = "unavailable"
+
+
+class KafkaUnavailable(InfrastructureError):
+    title = "Kafka unavailable"
+    type_slug = "kafka-unavailable"
+
+
+class StoreUnavailable(InfrastructureError):
+    title = "Store unavailable"
+    type_slug = "store-unavailable"
+
+
+class BrokerStartError(InfrastructureError):
+    title = "Local Kafka broker failed to start"
+    type_slug = "broker-start"
+
+
+class ConfigurationError(EvidenceHubError):
+    title = "Configuration error"
+    type_slug = "configuration"

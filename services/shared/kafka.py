@@ -1,0 +1,144 @@
+"""Kafka wiring: producer and consumer factories with safe defaults, and the hub's topics.
+
+Owns: the settings every producer and consumer of the hub must have (acks=all + idempotence; auto-commit
+off), the names and configs of the hub's topics, and creating them idempotently at start-up. Translates
+aiokafka's errors into :class:`KafkaUnavailable` / :class:`ConfigurationError` here and nowhere else.
+
+Does not own: which cluster (``services.shared.cluster``), what is in the records (``envelope``/``avro``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+
+from services.shared.errors import ConfigurationError, KafkaUnavailable
+
+log = logging.getLogger(__name__)
+
+#: What every hub producer has, whatever the caller asks for: a record is acknowledged only once all in-sync
+#: replicas hold it, and retries never duplicate or reorder it. aiokafka's defaults are acks=1, no idempotence.
+PRODUCER_SAFETY: Final[Mapping[str, Any]] = {"acks": "all", "enable_idempotence": True}
+#: Consumers commit explicitly, after the effect of a record is durable, and never see aborted records.
+CONSUMER_SAFETY: Final[Mapping[str, Any]] = {"enable_auto_commit": False, "isolation_level": "read_committed"}
+
+KEYS_TOPIC: Final = "hub.keys"
+POLICY_TOPIC: Final = "hub.policy"
+AUDIT_TOPIC: Final = "hub.audit"
+DEAD_LETTER_TOPIC: Final = "hub.deadletter"
+EVIDENCE_PREFIX: Final = "evidence."
+_JURISDICTION = re.compile(r"^[A-Z]{2}(-[A-Z0-9]{1,8})?$")
+
+
+def evidence_topic(jurisdiction: str) -> str:
+    """``DE`` → ``evidence.DE``. Jurisdictions are ISO 3166-1 alpha-2 codes, optionally with a suffix (``INT-ICC``
+    style is not accepted to keep topic names predictable; use ``XX-ICC``).
+
+    Raises:
+        ConfigurationError: the code is not a valid jurisdiction.
+    """
+    if not _JURISDICTION.fullmatch(jurisdiction):
+        raise ConfigurationError(f"not a jurisdiction code: {jurisdiction!r}")
+    return EVIDENCE_PREFIX + jurisdiction
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: Mapping[str, str] = field(default_factory=dict)
+
+
+def hub_topics(
+    jurisdictions: Iterable[str], *, evidence_partitions: int = 3, min_insync_replicas: int = 1
+) -> list[TopicSpec]:
+    """Every topic the hub needs. Evidence, policy and audit are kept forever; keys are compacted."""
+    forever = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
+    isr = {"min.insync.replicas": str(min_insync_replicas), "unclean.leader.election.enable": "false"}
+    specs = [
+        TopicSpec(KEYS_TOPIC, 1, {"cleanup.policy": "compact", **isr}),
+        TopicSpec(POLICY_TOPIC, 1, {**forever, **isr}),
+        TopicSpec(AUDIT_TOPIC, 1, {**forever, **isr}),
+        TopicSpec(DEAD_LETTER_TOPIC, 1, {**forever, **isr}),
+    ]
+    specs += [TopicSpec(evidence_topic(j), evidence_partitions, {**forever, **isr}) for j in jurisdictions]
+    return specs
+
+
+def _refuse_unsafe(requested: Mapping[str, Any], safety: Mapping[str, Any]) -> None:
+    clash = sorted(k for k in requested if k in safety and requested[k] != safety[k])
+    if clash:
+        raise ConfigurationError(f"refusing to weaken {', '.join(clash)} (hub clients always use {dict(safety)})")
+
+
+def make_producer(bootstrap: str, *, client_id: str, **options: Any) -> AIOKafkaProducer:
+    """An idempotent, acks=all producer (not started). ``options`` are passed to aiokafka (batching, linger …).
+
+    Raises:
+        ConfigurationError: ``options`` try to weaken acks or idempotence.
+    """
+    _refuse_unsafe(options, PRODUCER_SAFETY)
+    defaults: dict[str, Any] = {"linger_ms": 5, "request_timeout_ms": 30_000}
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap, client_id=client_id, **{**defaults, **options, **PRODUCER_SAFETY}
+    )
+
+
+def make_consumer(
+    bootstrap: str, *topics: str, group_id: str | None, client_id: str, **options: Any
+) -> AIOKafkaConsumer:
+    """A consumer with auto-commit off and read_committed isolation (not started).
+
+    Raises:
+        ConfigurationError: ``options`` try to turn auto-commit on or read uncommitted records.
+    """
+    _refuse_unsafe(options, CONSUMER_SAFETY)
+    defaults: dict[str, Any] = {"auto_offset_reset": "earliest"}
+    return AIOKafkaConsumer(
+        *topics, bootstrap_servers=bootstrap, group_id=group_id, client_id=client_id,
+        **{**defaults, **options, **CONSUMER_SAFETY},
+    )  # fmt: skip
+
+
+async def ensure_topics(
+    bootstrap: str, specs: Iterable[TopicSpec], *, replication_factor: int = 1, timeout_ms: int = 30_000
+) -> list[str]:
+    """Create the topics that don't exist yet; leave existing ones alone. Returns the names created.
+
+    Raises:
+        KafkaUnavailable: the cluster did not answer or refused a topic.
+    """
+    specs = list(specs)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        wanted = [s for s in specs if s.name not in existing]
+        if not wanted:
+            return []
+        response = await admin.create_topics(
+            [NewTopic(s.name, s.partitions, replication_factor, topic_configs=dict(s.config)) for s in wanted],
+            timeout_ms=timeout_ms,
+        )
+        created = []
+        for topic, code, *rest in response.topic_errors:
+            if code == 0:
+                created.append(topic)
+                continue
+            error = for_code(code)
+            if error is TopicAlreadyExistsError:  # a concurrent start-up created it first
+                continue
+            raise KafkaUnavailable(f"could not create topic {topic}: {error.__name__} {rest[0] if rest else ''}")
+        log.info("created topics %s", created)
+        return created
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer: {exc}") from exc
+    finally:
+        await admin.close()
