@@ -5,6 +5,7 @@
     │   ├── ValidationFailed         a model or field is malformed (422, carries field errors)
     │   ├── PayloadTooLarge          over a configured size limit (413)
     │   ├── UnsupportedMediaType     bytes don't match the declared type (415)
+    │   ├── Forbidden                authenticated, but not allowed (403)
     │   ├── NotFound                 no such item / version (404)
     │   └── Conflict                 an idempotency or append race (409)
     ├── TrustError                   a signature, key or envelope can't be trusted (one opaque message)
@@ -61,6 +62,12 @@ class UnsupportedMediaType(InputError):
     http_status = 415
     title = "Media type does not match content"
     type_slug = "media-type"
+
+
+class Forbidden(InputError):
+    http_status = 403
+    title = "Forbidden"
+    type_slug = "forbidden"
 
 
 class NotFound(InputError):

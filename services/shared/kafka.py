@@ -9,13 +9,14 @@ Does not own: which cluster (``services.shared.cluster``), what is in the record
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
@@ -142,3 +143,50 @@ async def ensure_topics(
         raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer: {exc}") from exc
     finally:
         await admin.close()
+
+
+async def partitions_of(bootstrap: str, topic: str) -> list[int]:
+    """Raises: KafkaUnavailable if the cluster doesn't answer or the topic doesn't exist."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        (described,) = await admin.describe_topics([topic])
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer: {exc}") from exc
+    finally:
+        await admin.close()
+    if described["error_code"] != 0 or not described["partitions"]:
+        raise KafkaUnavailable(f"topic {topic} does not exist")
+    return sorted(p["partition"] for p in described["partitions"])
+
+
+async def read_to_end(bootstrap: str, topic: str, *, timeout_s: float = 30.0) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of ``topic`` from the beginning up to the end offsets seen at the start of the call.
+
+    For small, forever-kept control topics (keys, policy) that a service replays on start-up. No consumer group:
+    nothing is committed.
+
+    Raises:
+        KafkaUnavailable: the cluster did not answer, or the topic could not be read to its end in time.
+    """
+    consumer = make_consumer(bootstrap, group_id=None, client_id=f"replay-{topic}")
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        partitions = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
+        await consumer.start()
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        async with asyncio.timeout(timeout_s):
+            while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
+                batch = await consumer.getmany(*partitions, timeout_ms=500)
+                for tp, recs in batch.items():
+                    records.extend(r for r in recs if r.offset < end[tp])
+    except TimeoutError as exc:
+        raise KafkaUnavailable(f"could not read {topic} to its end in {timeout_s:.0f}s") from exc
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer: {exc}") from exc
+    finally:
+        await consumer.stop()
+    records.sort(key=lambda r: (r.partition, r.offset))
+    return records

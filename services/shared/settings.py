@@ -31,3 +31,5 @@ class KafkaSettings(BaseSettings):
     work_root: Path | None = None
     heap_mb: int = Field(default=512, ge=256, le=8192)
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    replication_factor: int = Field(default=1, ge=1, le=7, description="for the hub's topics")
+    min_insync_replicas: int = Field(default=1, ge=1, le=7, description="for the hub's topics")

@@ -1,0 +1,337 @@
+"""The publishing pipeline (the "library path"): request → signed envelopes in the outbox → Kafka, exactly once
+per request.
+
+Owns: idempotency (the same ``Idempotency-Key`` — or, without one, the same item id and content digest — returns
+the original result and never creates a second event), versioning (corrections and withdrawals), per-(key, topic)
+sequence numbers, and delivery with per-jurisdiction results. A publication whose delivery failed for some
+jurisdictions reports exactly which (:class:`PartialDelivery`); repeating the request, or the outbox relay,
+delivers the rest from the same stored envelopes — never re-signed, never duplicated as a new event.
+
+The HTTP shell (``service.py``), ``evhub`` and ``bench/`` all publish through :class:`EvidencePublisher`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import sqlite3
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from services.publisher import core, state
+from services.shared.avro import AvroCodec
+from services.shared.envelope import seal
+from services.shared.errors import Conflict, KafkaUnavailable, NotFound
+from services.shared.kafka import evidence_topic
+from services.shared.keys import SigningKey
+from services.shared.registry import KeyRegistry
+
+log = logging.getLogger(__name__)
+
+
+class Producer(Protocol):
+    async def send(self, topic: str, value: bytes, *, key: bytes) -> asyncio.Future[Any]: ...
+
+
+class Clock(Protocol):
+    def __call__(self) -> datetime: ...
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class ContentInfo:
+    sha256: str
+    size: int
+    media_type: str
+    file_name: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    jurisdiction: str
+    topic: str
+    sequence: int
+    partition: int | None
+    offset: int | None
+    error: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.offset is not None
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    operation: str
+    event_id: str
+    item_id: str
+    version: int
+    deliveries: tuple[Delivery, ...]
+    replayed: bool = False
+    content: ContentInfo | None = None
+
+    @property
+    def complete(self) -> bool:
+        return all(d.delivered for d in self.deliveries)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "operation": self.operation, "event_id": self.event_id, "item_id": self.item_id,
+            "version": self.version, "replayed": self.replayed, "complete": self.complete,
+            "deliveries": [
+                {"jurisdiction": d.jurisdiction, "topic": d.topic, "sequence": d.sequence, "partition": d.partition,
+                 "offset": d.offset, "delivered": d.delivered, **({"error": d.error} if d.error else {})}
+                for d in self.deliveries
+            ],
+        }  # fmt: skip
+        if self.content is not None:
+            out |= {"sha256": self.content.sha256, "size": self.content.size, "media_type": self.content.media_type}
+        return out
+
+
+class PartialDelivery(KafkaUnavailable):
+    """Kafka did not acknowledge every jurisdiction; ``result`` says which were and weren't delivered."""
+
+    title = "Not every jurisdiction was reached"
+    type_slug = "partial-delivery"
+
+    def __init__(self, result: PublishResult) -> None:
+        failed = [d.jurisdiction for d in result.deliveries if not d.delivered]
+        super().__init__(
+            f"Kafka did not acknowledge {', '.join(failed)}; repeat the request with the same Idempotency-Key "
+            "to complete it (nothing will be published twice)",
+            **result.to_json(),
+        )
+        self.result = result
+
+
+@dataclass
+class EvidencePublisher:
+    codec: AvroCodec
+    signer: SigningKey
+    producer: Producer
+    committer: state.GroupCommitter
+    organisation: str
+    jurisdictions: Sequence[str]
+    registry: KeyRegistry | None = None
+    clock: Clock = utc_now
+    salt: Callable[[int], bytes] = secrets.token_bytes
+    new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
+    _in_flight: set[str] = field(default_factory=set, init=False, repr=False)
+
+    async def publish(
+        self, meta: core.EvidenceMetadata, content: ContentInfo, *, idempotency_key: str | None = None
+    ) -> PublishResult:
+        """Publish the first version of an item to each of its jurisdictions.
+
+        Raises:
+            ValidationFailed: unknown jurisdiction. Conflict: the key was used for another request, or the item
+            exists with other content. UntrustedKey: the signing key is not (or no longer) trusted.
+            PartialDelivery: some jurisdictions were not acknowledged (retry completes them).
+        """
+        return await self._version(meta, content, idempotency_key, correction_of=None)
+
+    async def correct(
+        self, item_id: str, meta: core.EvidenceMetadata, content: ContentInfo, *, idempotency_key: str | None = None
+    ) -> PublishResult:
+        """Publish a new version of ``item_id`` that names the version it replaces. Raises as :meth:`publish`,
+        and NotFound for an unknown item, Conflict for a withdrawn one."""
+        if meta.item_id != item_id:
+            raise Conflict(f"metadata names item {meta.item_id!r}, the request {item_id!r}")
+        return await self._version(meta, content, idempotency_key, correction_of=item_id)
+
+    async def _version(
+        self, meta: core.EvidenceMetadata, content: ContentInfo, idempotency_key: str | None, correction_of: str | None
+    ) -> PublishResult:
+        core.check_jurisdictions(meta, self.jurisdictions)
+        operation = "correct" if correction_of else "publish"
+        fingerprint = core.request_fingerprint(meta, content.sha256)
+        # Without a key, a publication is identified by item id + content digest; a correction by its whole meaning.
+        default = f"{meta.item_id}:{content.sha256}" if operation == "publish" else fingerprint
+        key = idempotency_key or f"{operation}:{default}"
+        now = self.clock()
+        if self.registry is not None:
+            self.registry.check_can_sign(self.signer.key_id, now)
+        salts = [self.salt(16) for _ in meta.protected]
+        event_id = self.new_id()
+        descriptor = {"media_type": content.media_type, "size": content.size, "sha256": content.sha256,
+                      "file_name": content.file_name}  # fmt: skip
+
+        def unit(conn: sqlite3.Connection) -> tuple[str, int, bool]:
+            done = _replay(conn, key, fingerprint)
+            if done is not None:
+                return done
+            existing = state.item(conn, meta.item_id)
+            version, replaces = 1, None
+            if correction_of is None and existing is not None:
+                original = state.original_publication(conn, meta.item_id)
+                if original is not None and original["fingerprint"] == fingerprint:  # same item, same content
+                    return original["event_id"], original["version"], True
+                raise Conflict(f"item {meta.item_id} is already published; send a correction to change it")
+            if correction_of is not None:
+                if existing is None:
+                    raise NotFound(f"no item {correction_of}")
+                if existing["withdrawn_at"] is not None:
+                    raise Conflict(f"item {correction_of} was withdrawn")
+                version, replaces = existing["latest_version"] + 1, existing["latest_event_id"]
+            events, disclosures = core.build_events(
+                meta, event_id=event_id, version=version, replaces_event_id=replaces,
+                organisation=self.organisation, key_id=self.signer.key_id, content=[descriptor],
+                published_at=now, salts=salts,
+            )  # fmt: skip
+            self._stage(conn, event_id, "evidence_event", events, meta.case_ids[0], disclosures)
+            all_jurisdictions = sorted(set(meta.jurisdictions) | set(_jurisdictions(existing)))
+            conn.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, NULL, NULL)",
+                         (meta.item_id, version, event_id, json.dumps(meta.case_ids), json.dumps(all_jurisdictions)))
+            state.insert(conn, "versions", {
+                "item_id": meta.item_id, "version": version, "event_id": event_id, "sha256": content.sha256,
+                "media_type": content.media_type, "size": content.size, "published_at": now.isoformat()})
+            self._record(conn, key, fingerprint, operation, event_id, meta.item_id, version, now)
+            return event_id, version, False
+
+        eid, version, replayed = await self.committer.run(unit)
+        return await self._deliver_event(operation, eid, meta.item_id, version, replayed, content)
+
+    async def withdraw(self, item_id: str, reason: str, *, idempotency_key: str | None = None) -> PublishResult:
+        """Withdraw every version of ``item_id`` from every jurisdiction it was published to.
+
+        Raises: NotFound (unknown item), Conflict (already withdrawn, or key reused), PartialDelivery.
+        """
+        key = idempotency_key or f"withdraw:{item_id}"
+        fingerprint = hashlib.sha256(f"withdraw\0{item_id}\0{reason}".encode()).hexdigest()
+        now = self.clock()
+        if self.registry is not None:
+            self.registry.check_can_sign(self.signer.key_id, now)
+        event_id = self.new_id()
+
+        def unit(conn: sqlite3.Connection) -> tuple[str, int, bool]:
+            done = _replay(conn, key, fingerprint)
+            if done is not None:
+                return done
+            existing = state.item(conn, item_id)
+            if existing is None:
+                raise NotFound(f"no item {item_id}")
+            if existing["withdrawn_at"] is not None:
+                raise Conflict(f"item {item_id} is already withdrawn")
+            case_ids = json.loads(existing["case_ids"])
+            records = core.build_withdrawals(
+                item_id=item_id, event_id=event_id, withdrawn_version=existing["latest_version"], case_ids=case_ids,
+                jurisdictions=_jurisdictions(existing), organisation=self.organisation, key_id=self.signer.key_id,
+                reason=reason, published_at=now,
+            )  # fmt: skip
+            self._stage(conn, event_id, "evidence_withdrawal", records, case_ids[0], [])
+            conn.execute("UPDATE items SET withdrawn_at = ?, withdraw_reason = ? WHERE item_id = ?",
+                         (now.isoformat(), reason, item_id))  # fmt: skip
+            self._record(conn, key, fingerprint, "withdraw", event_id, item_id, existing["latest_version"], now)
+            return event_id, existing["latest_version"], False
+
+        eid, version, replayed = await self.committer.run(unit)
+        return await self._deliver_event("withdraw", eid, item_id, version, replayed, None)
+
+    def _stage(self, conn: sqlite3.Connection, event_id: str, schema: str, records: dict[str, dict[str, Any]],
+               case_id: str, disclosures: list[str]) -> None:  # fmt: skip
+        for jurisdiction, record in records.items():
+            topic = evidence_topic(jurisdiction)
+            sequence = state.next_sequence(conn, self.signer.key_id, topic)
+            envelope = seal(self.codec, schema=schema, record=record, topic=topic, signer=self.signer,
+                            sequence=sequence, disclosures=disclosures)  # fmt: skip
+            state.insert(conn, "outbox", {
+                "event_id": event_id, "jurisdiction": jurisdiction, "topic": topic, "kafka_key": case_id.encode(),
+                "key_id": self.signer.key_id, "sequence": sequence, "envelope": envelope})  # fmt: skip
+
+    @staticmethod
+    def _record(conn: sqlite3.Connection, key: str, fingerprint: str, operation: str, event_id: str, item_id: str,
+                version: int, now: datetime) -> None:  # fmt: skip
+        state.insert(conn, "requests", {
+            "idempotency_key": key, "fingerprint": fingerprint, "operation": operation, "event_id": event_id,
+            "item_id": item_id, "version": version, "created_at": now.isoformat()})  # fmt: skip
+
+    async def _deliver_event(self, operation: str, event_id: str, item_id: str, version: int, replayed: bool,
+                             content: ContentInfo | None) -> PublishResult:  # fmt: skip
+        rows = await self.committer.run(lambda conn: state.outbox(conn, event_id))
+        self._in_flight.add(event_id)
+        try:
+            deliveries = await self._deliver(rows)
+        finally:
+            self._in_flight.discard(event_id)
+        result = PublishResult(operation, event_id, item_id, version, tuple(deliveries), replayed, content)
+        if not result.complete:
+            raise PartialDelivery(result)
+        return result
+
+    async def _deliver(self, rows: Sequence[state.OutboxRow]) -> list[Delivery]:
+        async def send(row: state.OutboxRow) -> Delivery:
+            if row.offset is not None:
+                return Delivery(row.jurisdiction, row.topic, row.sequence, row.partition, row.offset)
+            try:
+                meta = await (await self.producer.send(row.topic, row.envelope, key=row.kafka_key))
+            except Exception as exc:  # aiokafka raises KafkaError subclasses and asyncio timeouts
+                log.warning("delivery of %s to %s failed: %r", row.event_id, row.topic, exc)
+                return Delivery(row.jurisdiction, row.topic, row.sequence, None, None, type(exc).__name__)
+            return Delivery(row.jurisdiction, row.topic, row.sequence, meta.partition, meta.offset)
+
+        deliveries = await asyncio.gather(*(send(r) for r in rows))
+        fresh = [(r, d) for r, d in zip(rows, deliveries, strict=True) if d.delivered and r.offset is None]
+        if fresh:
+            at = self.clock().isoformat()
+
+            def mark(conn: sqlite3.Connection) -> None:
+                for r, d in fresh:
+                    assert d.partition is not None
+                    assert d.offset is not None
+                    state.mark_delivered(conn, r.event_id, r.jurisdiction, d.partition, d.offset, at)
+
+            await self.committer.run(mark)
+        return list(deliveries)
+
+    async def deliver_pending(self, limit: int = 1000) -> int:
+        """The outbox relay: send what Kafka has not acknowledged yet. Returns how many were delivered now."""
+        rows = await self.committer.run(lambda conn: state.pending(conn, limit))
+        rows = [r for r in rows if r.event_id not in self._in_flight]  # a request is delivering those itself
+        return sum(d.delivered for d in await self._deliver(rows))
+
+    async def status(self, item_id: str) -> dict[str, Any]:
+        """Raises: NotFound."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, Any]:
+            existing = state.item(conn, item_id)
+            if existing is None:
+                raise NotFound(f"no item {item_id}")
+            versions = []
+            for v in state.versions(conn, item_id):
+                rows = state.outbox(conn, v["event_id"])
+                versions.append({
+                    "version": v["version"], "event_id": v["event_id"], "sha256": v["sha256"],
+                    "media_type": v["media_type"], "size": v["size"], "published_at": v["published_at"],
+                    "deliveries": [{"jurisdiction": r.jurisdiction, "partition": r.partition, "offset": r.offset,
+                                    "sequence": r.sequence, "delivered": r.offset is not None} for r in rows],
+                })  # fmt: skip
+            return {
+                "item_id": item_id, "latest_version": existing["latest_version"],
+                "jurisdictions": _jurisdictions(existing), "withdrawn_at": existing["withdrawn_at"],
+                "withdraw_reason": existing["withdraw_reason"], "versions": versions,
+            }  # fmt: skip
+
+        return await self.committer.run(read)
+
+
+def _replay(conn: sqlite3.Connection, key: str, fingerprint: str) -> tuple[str, int, bool] | None:
+    previous = state.request(conn, key)
+    if previous is None:
+        return None
+    if previous["fingerprint"] != fingerprint:
+        raise Conflict("this Idempotency-Key was already used for a different request")
+    return previous["event_id"], previous["version"], True
+
+
+def _jurisdictions(row: sqlite3.Row | None) -> list[str]:
+    return [] if row is None else list(json.loads(row["jurisdictions"]))

@@ -1,0 +1,73 @@
+"""Settings of the publisher service (env prefix ``EVHUB_PUBLISHER_``), built once in ``__main__``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.shared.errors import ConfigurationError, EvidenceHubError
+from services.shared.keys import PublicKey, SigningKey
+from services.shared.settings import KafkaSettings
+from services.shared.tls import CertFiles
+
+
+class PublisherSettings(BaseSettings):
+    """Documentation-group clients authenticate with client certificates (mTLS): the key never leaves their
+    machine, nothing bearer-like can be replayed from a log, and the same PKI already protects hub ↔ broker
+    traffic. Only certificate CNs in ``allowed_clients`` may publish."""
+
+    model_config = SettingsConfigDict(env_prefix="EVHUB_PUBLISHER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+    data_dir: Path = Path("var/publisher")
+    signing_key_file: Path | None = None
+    trust_anchor_files: list[Path] = Field(default_factory=list)
+    organisation: str = "Documentation group"
+    jurisdictions: list[str] = Field(default_factory=lambda: ["DE", "FR", "SE"])
+    max_file_bytes: int = Field(default=16 << 30, ge=1)
+    max_metadata_bytes: int = Field(default=256 << 10, ge=1024)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    allowed_clients: list[str] = Field(default_factory=list)
+    unsafe_plaintext: bool = Field(default=False, description="serve HTTP without TLS; for local experiments only")
+    relay_interval_s: float = Field(default=5.0, gt=0)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+
+    def tls_files(self) -> CertFiles | None:
+        """Raises: ConfigurationError without TLS files, unless ``unsafe_plaintext``."""
+        if self.tls_cert and self.tls_key and self.tls_ca:
+            if not self.allowed_clients:
+                raise ConfigurationError("no client CNs allowed to publish (EVHUB_PUBLISHER_ALLOWED_CLIENTS)")
+            return CertFiles(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca)
+        if self.unsafe_plaintext:
+            return None
+        raise ConfigurationError("TLS is required: set EVHUB_PUBLISHER_TLS_CERT, _TLS_KEY and _TLS_CA")
+
+    def signing_key(self) -> SigningKey:
+        """Raises: ConfigurationError if the key file is missing or not an Ed25519 private key."""
+        if self.signing_key_file is None:
+            raise ConfigurationError("no signing key configured (EVHUB_PUBLISHER_SIGNING_KEY_FILE)")
+        try:
+            return SigningKey.from_pem(self.signing_key_file.read_bytes())
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read signing key {self.signing_key_file}: {exc.strerror}") from exc
+        except EvidenceHubError as exc:
+            raise ConfigurationError(f"signing key {self.signing_key_file} refused: {exc.detail}") from exc
+
+    def trust_anchors(self) -> list[PublicKey]:
+        """Raises: ConfigurationError if none are configured or one is unreadable or weak."""
+        if not self.trust_anchor_files:
+            raise ConfigurationError("no key-registry trust anchors configured (EVHUB_PUBLISHER_TRUST_ANCHOR_FILES)")
+        anchors = []
+        for path in self.trust_anchor_files:
+            try:
+                anchors.append(PublicKey.from_pem(path.read_bytes()))
+            except OSError as exc:
+                raise ConfigurationError(f"cannot read trust anchor {path}: {exc.strerror}") from exc
+            except EvidenceHubError as exc:
+                raise ConfigurationError(f"trust anchor {path} refused: {exc.detail}") from exc
+        return anchors

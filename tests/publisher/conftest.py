@@ -1,0 +1,70 @@
+"""A real publisher stack for tests: real broker topics, real SQLite state, a real content directory, real keys."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from services.publisher import state
+from services.publisher.pipeline import EvidencePublisher
+from services.shared.avro import AvroCodec
+from services.shared.cluster import KafkaTarget
+from services.shared.content import LocalContentStore
+from services.shared.kafka import ensure_topics, evidence_topic, hub_topics, make_producer
+from services.shared.keys import SigningKey
+from services.shared.registry import KeyRegistry, issue
+
+
+@dataclass
+class Stack:
+    publisher: EvidencePublisher
+    store: LocalContentStore
+    registry: KeyRegistry
+    anchor: SigningKey
+    signer: SigningKey
+    codec: AvroCodec
+    jurisdictions: list[str]
+    bootstrap: str
+
+    def topic(self, jurisdiction: str) -> str:
+        return evidence_topic(jurisdiction)
+
+
+@pytest.fixture(scope="session")
+def codec() -> AvroCodec:
+    return AvroCodec.load()
+
+
+def trusted_registry(codec: AvroCodec, anchor: SigningKey, signer: SigningKey) -> KeyRegistry:
+    registry = KeyRegistry(codec, anchors=[anchor.public])
+    registry.apply(issue(codec, anchor, public_key=signer.public, organisation="Syrian documentation group",
+                         not_before=datetime.now(UTC) - timedelta(days=1)))  # fmt: skip
+    return registry
+
+
+@pytest.fixture
+async def stack(kafka: KafkaTarget, tmp_path: Path, codec: AvroCodec) -> AsyncIterator[Stack]:
+    """Publisher with unique jurisdictions (so each test owns its topics) and a registry trusting its key."""
+    suffix = uuid.uuid4().hex[:6].upper()
+    jurisdictions = [f"DE-{suffix}", f"FR-{suffix}", f"SE-{suffix}"]
+    await ensure_topics(kafka.bootstrap, [s for s in hub_topics(jurisdictions) if s.name.startswith("evidence.")])
+    anchor, signer = SigningKey.generate(), SigningKey.generate()
+    registry = trusted_registry(codec, anchor, signer)
+    producer = make_producer(kafka.bootstrap, client_id="test-publisher", request_timeout_ms=5_000)
+    await producer.start()
+    committer = state.GroupCommitter(state.connect(tmp_path / "publisher.sqlite3"))
+    publisher = EvidencePublisher(
+        codec=codec, signer=signer, producer=producer, committer=committer,
+        organisation="Syrian documentation group", jurisdictions=jurisdictions, registry=registry,
+    )  # fmt: skip
+    try:
+        yield Stack(publisher, LocalContentStore(tmp_path / "content"), registry, anchor, signer, codec,
+                    jurisdictions, kafka.bootstrap)  # fmt: skip
+    finally:
+        await producer.stop()
+        committer.close()
