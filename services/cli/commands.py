@@ -10,15 +10,17 @@ from services.shared.cluster import akafka_cluster
 from services.shared.kafka import ensure_topics, hub_topics
 from services.shared.settings import KafkaSettings
 
-DEMO_JURISDICTIONS = ("DE", "FR", "SE")
-
 
 def register(sub: Any) -> None:
+    from services.cli import demo, keys_cmd, policy, publish_cmd
+
+    publish_cmd.register(sub)
+    keys_cmd.register(sub)
+    policy.register(sub)
     kafka = sub.add_parser("kafka", help="run the embedded single-node Kafka broker until Ctrl-C")
     kafka.add_argument("--jurisdiction", action="append", default=[], help="also create evidence.<J> (repeatable)")
     kafka.set_defaults(handler=run_kafka)
-    demo = sub.add_parser("demo", help="run the main job end to end on embedded defaults")
-    demo.set_defaults(handler=run_demo, jurisdiction=list(DEMO_JURISDICTIONS))
+    demo.register(sub)
 
 
 async def run_kafka(args: argparse.Namespace) -> int:
@@ -34,7 +36,3 @@ async def run_kafka(args: argparse.Namespace) -> int:
         await asyncio.Event().wait()
     return 0
 
-
-async def run_demo(args: argparse.Namespace) -> int:
-    """The whole story on one machine. For now: the broker and the hub's topics."""
-    return await run_kafka(args)

@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
         stream=sys.stderr,
     )
+    if not args.verbose:  # aiokafka logs retried, recovered errors as warnings; a user only needs the outcome
+        logging.getLogger("aiokafka").setLevel(logging.ERROR)
     try:
         result: int = asyncio.run(args.handler(args))
         return result

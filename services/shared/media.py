@@ -78,6 +78,8 @@ _FAMILIES: Final = {
     "application/x-ole-storage": {"application/msword", "application/vnd.ms-excel"},
     "text/plain": {"text/csv", "text/markdown"},
     "application/xml": {"image/svg+xml", "text/xml"},
+    "video/x-matroska": {"video/webm", "audio/webm"},  # WebM is Matroska: same EBML magic
+    "audio/ogg": {"video/ogg", "application/ogg"},  # Ogg is a container; "OggS" does not say audio or video
     "audio/mp4": {"video/mp4"},
     "video/mp4": {"audio/mp4"},
 }  # fmt: skip

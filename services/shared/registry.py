@@ -140,5 +140,8 @@ class KeyRegistry:
             raise UntrustedKey("revoked key")
         self.check_signed_at(key_id, now)
 
+    def key_ids(self) -> list[str]:
+        return list(self._entries)
+
     def __len__(self) -> int:
         return len(self._entries)

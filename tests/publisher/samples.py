@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
+from services.cli.samples import png
 
-def png(width: int = 8, height: int = 8, seed: int = 0) -> bytes:
-    """A valid, tiny grey PNG (so detection from the bytes says image/png)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    rows = b"".join(b"\x00" + bytes((seed + x + y) % 256 for x in range(width)) for y in range(height))
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + b"\x08\x00\x00\x00\x00"
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+__all__ = ["metadata", "png"]
 
 
 def metadata(item_id: str, jurisdictions: list[str], **overrides: Any) -> dict[str, Any]:

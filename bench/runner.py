@@ -1,0 +1,213 @@
+"""Processes: the parent starts the broker once and runs each scenario in a child process of its own.
+
+Owns: choosing which scenarios run (a requested scenario brings its baseline along, baselines run first), the
+run plan (full or ``--quick`` sizes), spawning ``python -m bench --child NAME`` per scenario with the broker's
+bootstrap, and the child side: run the scenario, report its repeats and its peak RSS from the end of set-up on
+(VmHWM, falling back to ``ru_maxrss``) as one JSON line on stdout. A child per scenario keeps peak RSS per
+scenario and stops state (allocator, client threads, caches) leaking from one scenario into the next.
+
+Does not own: what a scenario does (``bench.harness`` and the scenario modules), statistics, output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import resource
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from bench.harness import Context, Repeat, Scenario, run_scenario
+from services.shared.cluster import KafkaTarget, akafka_cluster
+from services.shared.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+CHILD_TIMEOUT_S: Final = 600.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much each scenario does. ``events``/``record_size``/``seconds`` override every scenario's own."""
+
+    quick: bool = False
+    warmups: int = 1
+    repeats: int = 7
+    events: int | None = None
+    record_size: int | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def for_mode(cls, *, quick: bool, **overrides: Any) -> Plan:
+        base = {"quick": quick, "warmups": 1, "repeats": 3 if quick else 7}
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def events_for(self, spec: Scenario) -> int:
+        return self.events or (spec.quick_events if self.quick else spec.events)
+
+    def record_size_for(self, spec: Scenario) -> int:
+        return self.record_size or spec.record_size
+
+    def seconds_for(self, spec: Scenario) -> float | None:
+        return self.seconds or (spec.quick_seconds if self.quick else spec.seconds) or spec.seconds
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    name: str
+    repeats: tuple[Repeat, ...]
+    peak_rss_kib: int
+    events: int
+    record_size: int
+    wall_seconds: float
+    error: str | None = None
+
+
+def select(registry: dict[str, Scenario], names: Sequence[str]) -> list[Scenario]:
+    """The scenarios to run: ``names`` (or all) plus the baselines they need, baselines first.
+
+    Raises:
+        KeyError: a name is not registered.
+    """
+    wanted: list[str] = list(names) or list(registry)
+    missing = [n for n in wanted if n not in registry]
+    if missing:
+        raise KeyError(f"unknown scenario(s) {', '.join(missing)}; known: {', '.join(registry)}")
+    chosen: dict[str, Scenario] = {}
+
+    def add(name: str) -> None:
+        spec = registry[name]
+        if spec.baseline is not None:
+            add(spec.baseline)
+        chosen.setdefault(name, spec)
+
+    for name in wanted:
+        add(name)
+    return list(chosen.values())
+
+
+# -- child ------------------------------------------------------------------------------------------------------
+async def child_main(spec: Scenario, *, bootstrap: str, plan: Plan) -> ChildResult:
+    """Run one scenario in this process and say how much memory the process needed at its peak."""
+    ctx = Context(
+        bootstrap=bootstrap, scenario=spec.name, events=plan.events_for(spec),
+        record_size=plan.record_size_for(spec), seconds=plan.seconds_for(spec), quick=plan.quick,
+    )  # fmt: skip
+    began = time.perf_counter()
+    repeats = await run_scenario(spec, ctx, warmups=plan.warmups, repeats=plan.repeats, after_setup=reset_peak_rss)
+    return ChildResult(
+        name=spec.name, repeats=tuple(repeats), events=ctx.events, record_size=ctx.record_size,
+        peak_rss_kib=peak_rss_kib(), wall_seconds=time.perf_counter() - began,
+    )  # fmt: skip
+
+
+def reset_peak_rss() -> None:
+    """Forget the peak so far (Linux: ``5`` into /proc/self/clear_refs), so a scenario's set-up — e.g. writing
+    200,000 records to read back — does not count as the scenario's memory. Without it the peak includes set-up."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident set in KiB: VmHWM (reset by :func:`reset_peak_rss`), else ``ru_maxrss``.
+    VmHWM, because ``ru_maxrss`` also keeps the peak of threads that already exited (librdkafka's, in set-up)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def child_json(result: ChildResult) -> str:
+    return json.dumps(asdict(result))
+
+
+def parse_child(line: str) -> ChildResult:
+    raw = json.loads(line)
+    repeats = tuple(Repeat(ops=r["ops"], elapsed=r["elapsed"], samples=tuple(r["samples"])) for r in raw["repeats"])
+    return ChildResult(**{**raw, "repeats": repeats})
+
+
+# -- parent -----------------------------------------------------------------------------------------------------
+def _child_argv(spec: Scenario, bootstrap: str, plan: Plan) -> list[str]:
+    argv = [sys.executable, "-m", "bench", "--child", spec.name, "--bootstrap", bootstrap,
+            "--warmups", str(plan.warmups), "--repeats", str(plan.repeats)]  # fmt: skip
+    if plan.quick:
+        argv.append("--quick")
+    for flag, value in (("--events", plan.events), ("--record-size", plan.record_size), ("--seconds", plan.seconds)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+async def run_child(spec: Scenario, bootstrap: str, plan: Plan) -> ChildResult:
+    """Spawn the child for ``spec``, wait for it, and parse its JSON line. A failure becomes ``error``."""
+    began = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        *_child_argv(spec, bootstrap, plan), stdout=asyncio.subprocess.PIPE, stderr=None, cwd=Path.cwd()
+    )
+    try:
+        async with asyncio.timeout(CHILD_TIMEOUT_S):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        out = b""
+    lines = out.decode(errors="replace").strip().splitlines()
+    if proc.returncode == 0 and lines:
+        try:
+            return parse_child(lines[-1])
+        except (ValueError, KeyError, TypeError) as exc:
+            error = f"unreadable child output: {exc}"
+    else:
+        error = f"child exited with {proc.returncode}" + (" (timed out)" if not lines else "")
+    return ChildResult(name=spec.name, repeats=(), peak_rss_kib=0, events=0, record_size=0,
+                       wall_seconds=time.perf_counter() - began, error=error)  # fmt: skip
+
+
+def broker_peak_rss_kib(target: KafkaTarget) -> int | None:
+    """The local broker JVM's peak RSS (VmHWM), if this run started it."""
+    if target.pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{target.pid}/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    results: list[ChildResult]
+    broker_kind: str
+    broker_startup_seconds: float
+    broker_peak_rss_kib: int | None
+    wall_seconds: float
+
+
+async def run_all(specs: Iterable[Scenario], plan: Plan, settings: KafkaSettings) -> RunOutcome:
+    """Start (or find) the broker once, run each scenario's child in turn, one at a time (2 cores: running two
+    scenarios at once would measure their contention)."""
+    began = time.perf_counter()
+    results = []
+    async with akafka_cluster(settings) as target:
+        log.info("Kafka (%s) at %s", target.kind, target.bootstrap)
+        for spec in specs:
+            print(f"bench: {spec.name} …", file=sys.stderr, flush=True)
+            result = await run_child(spec, target.bootstrap, plan)
+            if result.error:
+                print(f"bench: {spec.name} failed: {result.error}", file=sys.stderr, flush=True)
+            results.append(result)
+        broker_rss = broker_peak_rss_kib(target)
+    return RunOutcome(
+        results=results, broker_kind=target.kind, broker_startup_seconds=target.startup_seconds,
+        broker_peak_rss_kib=broker_rss, wall_seconds=time.perf_counter() - began,
+    )  # fmt: skip

@@ -1,0 +1,179 @@
+"""The baselines every run measures: raw Kafka clients on the same broker, no hub code in the path.
+
+Owns: producing N records (awaited until every one is acknowledged) and consuming N pre-produced records from the
+beginning of a topic, with aiokafka (what the hub uses) and with confluent-kafka/librdkafka (what a
+performance-minded user would pick instead of the hub).
+
+The clients are configured like the hub's (``services.shared.kafka``), spelled out here so a change to the hub's
+factories can't silently change the baseline: producers acks=all + idempotent, linger 5 ms, no compression;
+consumers auto-commit off, read_committed. Records are ``record_size`` random bytes keyed by one of 64 case ids
+over a 3-partition topic, like ``evidence.<JURISDICTION>``. Everything else is each client's default (aiokafka
+batches up to 16 KiB per partition, librdkafka up to 1 MB) — what a user of either would get.
+
+Does not own: hub scenarios (``bench/scenarios_hub.py``), timing and repeats (``bench.harness``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Final
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+
+from bench.harness import Context, scenario
+
+PARTITIONS: Final = 3
+KEYS: Final = tuple(f"case-{i:06d}".encode() for i in range(64))
+CONSUME_DEADLINE_S: Final = 120.0
+#: Full-run sizes: a pair (aiokafka, confluent) uses the same N so the ratio compares equal work; large enough
+#: that the slower client runs for seconds per call (aiokafka ~10k produced/s, ~200k consumed/s on 2 cores).
+PRODUCE_N: Final = 100_000
+CONSUME_N: Final = 200_000
+AIOKAFKA_PRODUCER: Final = {"acks": "all", "enable_idempotence": True, "linger_ms": 5}
+CONFLUENT_PRODUCER: Final = {"acks": "all", "enable.idempotence": True, "linger.ms": 5}
+
+
+def _key(i: int) -> bytes:
+    return KEYS[i % len(KEYS)]
+
+
+def _confluent_config(bootstrap: str, **extra: Any) -> dict[str, Any]:
+    return {"bootstrap.servers": bootstrap, "client.id": "bench-confluent", **extra}
+
+
+def _confluent_produce(producer: Any, topic: str, payload: bytes, count: int, on_delivery: Any) -> int:
+    """Queue ``count`` records, serving delivery reports when librdkafka's local queue is full; then flush.
+    Returns the number of records still unsent after the flush deadline."""
+    for i in range(count):
+        while True:
+            try:
+                producer.produce(topic, payload, key=_key(i), on_delivery=on_delivery)
+                break
+            except BufferError:  # local queue full: serve delivery reports, then retry this record
+                producer.poll(0.05)
+        if i % 1_000 == 0:
+            producer.poll(0)
+    remaining: int = producer.flush(120)
+    return remaining
+
+
+async def _preproduce(ctx: Context) -> None:
+    """Set-up for the consume scenarios: one topic holding ``events`` records, read from the start each time.
+    Written with librdkafka only because it is faster; it is not timed."""
+    from confluent_kafka import KafkaException, Producer
+
+    topic = await ctx.topic(partitions=PARTITIONS)
+    failures: list[Any] = []
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            failures.append(err)
+
+    producer = Producer(_confluent_config(ctx.bootstrap, **CONFLUENT_PRODUCER, **{"queue.buffering.max.kbytes": 65536}))
+    remaining = _confluent_produce(producer, topic, ctx.payload, ctx.events, on_delivery)
+    if remaining or failures:
+        raise KafkaException(f"pre-producing: {remaining} unsent, {len(failures)} failed ({failures[:3]})")
+    ctx.state["topic"] = topic
+
+
+@scenario(name="aiokafka-produce", unit="events/s", events=PRODUCE_N)
+async def aiokafka_produce(ctx: Context) -> int:
+    """aiokafka: produce N records, acks=all, idempotent, all acknowledged."""
+    topic = await ctx.topic(partitions=PARTITIONS)
+    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, client_id="bench-aiokafka", **AIOKAFKA_PRODUCER)
+    await producer.start()
+    try:
+        # untimed: metadata, producer id, and a leader that serves every partition (a fresh topic's partitions
+        # can answer NotLeaderForPartition for a moment, which would cost a retry inside the measurement)
+        await asyncio.gather(*[await producer.send(topic, ctx.payload, partition=p) for p in range(PARTITIONS)])
+        with ctx.timed():
+            futures = [await producer.send(topic, ctx.payload, key=_key(i)) for i in range(ctx.events)]
+            await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return ctx.events
+
+
+@scenario(name="aiokafka-consume", unit="events/s", events=CONSUME_N, setup=_preproduce)
+async def aiokafka_consume(ctx: Context) -> int:
+    """aiokafka: read N pre-produced records from the beginning, read_committed."""
+    topic: str = ctx.state["topic"]
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=ctx.bootstrap, group_id=None, client_id="bench-aiokafka", enable_auto_commit=False,
+        isolation_level="read_committed", auto_offset_reset="earliest",
+    )  # fmt: skip
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        seen = 0
+        with ctx.timed():
+            deadline = time.monotonic() + CONSUME_DEADLINE_S
+            while seen < ctx.events:
+                batches = await consumer.getmany(timeout_ms=1_000)
+                seen += sum(len(records) for records in batches.values())
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"read {seen} of {ctx.events} records in {CONSUME_DEADLINE_S:.0f}s")
+    finally:
+        await consumer.stop()
+    return seen
+
+
+@scenario(name="confluent-produce", unit="events/s", baseline="aiokafka-produce", events=PRODUCE_N)
+async def confluent_produce(ctx: Context) -> int:
+    """confluent-kafka (librdkafka): produce N records, acks=all, idempotent, all acknowledged."""
+    from confluent_kafka import KafkaException, Producer
+
+    topic = await ctx.topic(partitions=PARTITIONS)
+    failures: list[Any] = []
+    acked = 0
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        nonlocal acked
+        if err is None:
+            acked += 1
+        else:
+            failures.append(err)
+
+    producer = Producer(_confluent_config(ctx.bootstrap, **CONFLUENT_PRODUCER))
+    for p in range(PARTITIONS):  # untimed: as for aiokafka
+        producer.produce(topic, ctx.payload, partition=p, on_delivery=on_delivery)
+    producer.flush(30)
+    with ctx.timed():
+        remaining = _confluent_produce(producer, topic, ctx.payload, ctx.events, on_delivery)
+    if remaining or failures or acked != ctx.events + PARTITIONS:
+        raise KafkaException(f"{remaining} unsent, {len(failures)} failed ({failures[:3]}), {acked} acked")
+    return ctx.events
+
+
+@scenario(name="confluent-consume", unit="events/s", baseline="aiokafka-consume", events=CONSUME_N, setup=_preproduce)
+async def confluent_consume(ctx: Context) -> int:
+    """confluent-kafka (librdkafka): read N pre-produced records from the beginning, read_committed."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException
+    from confluent_kafka import TopicPartition as CTopicPartition
+
+    topic: str = ctx.state["topic"]
+    consumer = Consumer(_confluent_config(
+        ctx.bootstrap, **{"group.id": f"bench-{topic}", "enable.auto.commit": False,
+                          "isolation.level": "read_committed", "auto.offset.reset": "earliest"},
+    ))  # fmt: skip
+    try:
+        consumer.list_topics(topic, timeout=10)  # untimed: connection and metadata, as aiokafka's start()
+        consumer.assign([CTopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+        seen = 0
+        with ctx.timed():
+            deadline = time.monotonic() + CONSUME_DEADLINE_S
+            while seen < ctx.events:
+                # consume() waits for num_messages or the timeout: never ask for more than remain
+                for message in consumer.consume(num_messages=min(1_000, ctx.events - seen), timeout=1.0):
+                    if message.error() is not None:
+                        raise KafkaException(message.error())
+                    seen += 1
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"read {seen} of {ctx.events} records in {CONSUME_DEADLINE_S:.0f}s")
+    finally:
+        consumer.close()
+    return seen

@@ -1,0 +1,28 @@
+"""Where ``evhub`` finds the hub and its client certificate (env prefix ``EVHUB_CLIENT_``; flags override)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.shared.errors import ConfigurationError
+from services.shared.tls import CertFiles
+
+
+class ClientSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EVHUB_CLIENT_", extra="ignore")
+
+    url: str = "https://127.0.0.1:8443"
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    def cert_files(self) -> CertFiles:
+        """Raises: ConfigurationError unless certificate, key and CA are all given and readable."""
+        if not (self.cert and self.key and self.ca):
+            raise ConfigurationError("a client certificate is needed: --cert, --key and --ca (or EVHUB_CLIENT_*)")
+        for path in (self.cert, self.key, self.ca):
+            if not path.is_file():
+                raise ConfigurationError(f"no such file: {path}")
+        return CertFiles(cert=self.cert, key=self.key, ca=self.ca)

@@ -1,0 +1,187 @@
+"""``evhub demo`` (``make demo``): the whole story on one machine, with real parts, from a fresh clone.
+
+1. starts a real Kafka broker (Maven jars) and creates the hub's topics for DE, FR and SE;
+2. mints a development PKI and keys: a trust anchor, the group's signing key, a policy-admin key;
+3. registers the signing key on ``hub.keys`` and pushes the sample policy pack to ``hub.policy``;
+4. starts the publisher as its own process (``python -m services.publisher``) behind mutual TLS;
+5. an archivist publishes generated sample evidence (several cases; DE, FR, SE) with ``evhub publish``, then runs
+   it again — everything is skipped, nothing is published twice;
+6. each jurisdiction's feed is read back from Kafka and verified with nothing but the group's public key;
+7. the policy decides what each prosecution office may read, and which protected fields it gets withheld.
+Everything it started is stopped by PID at the end (or on Ctrl-C); ``--keep-running`` waits for Ctrl-C first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from services.cli import manifest, samples
+from services.cli.publish import Journal, publish_all, summary
+from services.cli.supervise import running_service
+from services.policy.attributes import item_attributes
+from services.policy.engine import PolicyEngine, PolicyStore
+from services.policy.model import READ_ITEM
+from services.policy.pack import load_pack
+from services.policy.topic import load_store, publish_version
+from services.policy.version import sign, trusted_keys
+from services.shared.avro import AvroCodec
+from services.shared.cluster import akafka_cluster
+from services.shared.envelope import SequenceTracker, open_envelope
+from services.shared.kafka import KEYS_TOPIC, ensure_topics, evidence_topic, hub_topics, make_producer, read_to_end
+from services.shared.keys import SigningKey
+from services.shared.local_kafka import free_port
+from services.shared.registry import KeyRegistry, issue
+from services.shared.settings import KafkaSettings
+from services.shared.tls import client_context, create_dev_pki
+
+JURISDICTIONS = ["DE", "FR", "SE"]
+POLICY_PACK = Path(__file__).resolve().parents[2] / "policies"
+OFFICES = {"DE": "DE-GBA-WCU", "FR": "FR-PNAT", "SE": "SE-IPC"}
+
+
+def register(sub: Any) -> None:
+    demo = sub.add_parser("demo", help="run the main job end to end on embedded defaults")
+    demo.add_argument("--workdir", type=Path, default=Path("var/demo"), help="where keys, state and samples go")
+    demo.add_argument("--keep-running", action="store_true", help="keep Kafka and the publisher up until Ctrl-C")
+    demo.set_defaults(handler=run_demo)
+
+
+def _write_key(path: Path, key: SigningKey) -> Path:
+    path.write_bytes(key.to_pem())
+    path.chmod(0o600)
+    path.with_suffix(".pub.pem").write_bytes(key.public.to_pem())
+    return path
+
+
+async def run_demo(args: argparse.Namespace) -> int:
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=150)  # a log file or CI: wide enough that the tables are not truncated
+    work: Path = args.workdir
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    codec = AvroCodec.load()
+    async with akafka_cluster(KafkaSettings()) as kafka:
+        bootstrap = kafka.bootstrap
+        out.rule("1. Kafka")
+        out.print(f"Apache Kafka ({kafka.kind}) at {bootstrap}" + (f", started in {kafka.startup_seconds:.1f}s" if
+                  kafka.pid else "") + (f"; log {kafka.log_file}" if kafka.log_file else ""))  # fmt: skip
+        created = await ensure_topics(bootstrap, hub_topics(JURISDICTIONS))
+        out.print(f"topics: {', '.join(created) or 'already there'}")
+
+        out.rule("2. Keys and certificates (generated now, never committed)")
+        pki = create_dev_pki(work / "pki", ["publisher", "archivist"])
+        anchor, signer, admin = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
+        keys = work / "keys"
+        keys.mkdir()
+        _write_key(keys / "trust-anchor.key", anchor)
+        _write_key(keys / "publisher.key", signer)
+        out.print(f"publisher signing key {signer.key_id[:16]}…, trust anchor {anchor.key_id[:16]}…, "
+                  f"policy admin {admin.key_id[:16]}…; mTLS CA {pki['publisher'].ca}")  # fmt: skip
+
+        out.rule("3. Key registry and access policy")
+        producer = make_producer(bootstrap, client_id="evhub-demo")
+        await producer.start()
+        try:
+            record = issue(codec, anchor, public_key=signer.public, organisation="Documentation group (demo)",
+                           not_before=datetime.now(UTC) - timedelta(minutes=1))  # fmt: skip
+            await producer.send_and_wait(KEYS_TOPIC, record, key=signer.key_id.encode())
+        finally:
+            await producer.stop()
+        pack = load_pack(POLICY_PACK)
+        signed = sign(pack.version(author="demo policy admin", effective_from=datetime.now(UTC)), admin)
+        await publish_version(bootstrap, signed)
+        out.print(f"publisher key registered on {KEYS_TOPIC}; policy version {signed.content_hash[:16]}… "
+                  f"({len(pack.offices)} offices) pushed to hub.policy")  # fmt: skip
+
+        out.rule("4. Publisher service (python -m services.publisher, mTLS)")
+        port = free_port()
+        env = {
+            "EVHUB_KAFKA_BOOTSTRAP": bootstrap, "EVHUB_PUBLISHER_PORT": str(port),
+            "EVHUB_PUBLISHER_DATA_DIR": str(work / "publisher"),
+            "EVHUB_PUBLISHER_SIGNING_KEY_FILE": str(keys / "publisher.key"),
+            "EVHUB_PUBLISHER_TRUST_ANCHOR_FILES": f'["{keys / "trust-anchor.pub.pem"}"]',
+            "EVHUB_PUBLISHER_TLS_CERT": str(pki["publisher"].cert),
+            "EVHUB_PUBLISHER_TLS_KEY": str(pki["publisher"].key),
+            "EVHUB_PUBLISHER_TLS_CA": str(pki["publisher"].ca), "EVHUB_PUBLISHER_ALLOWED_CLIENTS": '["archivist"]',
+            "EVHUB_PUBLISHER_JURISDICTIONS": '["DE", "FR", "SE"]',
+        }  # fmt: skip
+        url = f"https://127.0.0.1:{port}"
+        ctx = client_context(pki["archivist"])
+        async with running_service("services.publisher", env=env, health_url=f"{url}/healthz", ssl_context=ctx,
+                                   log_file=work / "logs" / "publisher.log") as pid:  # fmt: skip
+            out.print(f"publisher pid {pid} at {url}; log {work / 'logs' / 'publisher.log'}")
+            await _publish(out, work, url, ctx)
+            await _verify(out, codec, bootstrap, anchor)
+            await _decide(out, codec, bootstrap, admin, anchor)
+            if args.keep_running:
+                out.print(f"\nKafka at {bootstrap}, publisher at {url}. Ctrl-C stops both.")
+                await asyncio.Event().wait()
+    out.rule("done")
+    out.print("Everything the demo started has been stopped.")
+    return 0
+
+
+async def _publish(out: Console, work: Path, url: str, ctx: Any) -> None:
+    out.rule("5. The archivist publishes (evhub publish), then runs it again")
+    manifest_path = samples.write_sample(work / "samples")
+    entries = manifest.load(manifest_path)
+    for attempt in ("first run", "second run (resumed: nothing is published twice)"):
+        journal = Journal(manifest_path.parent / ".evhub-publish.jsonl")
+        outcomes = await publish_all(entries, url=url, ssl_context=ctx, journal=journal, concurrency=4)
+        result = summary(outcomes)
+        out.print(f"{attempt}: {result['total']} items, {result['bytes']:,} bytes → {result['published']} published, "
+                  f"{result['already-published']} already published, {result['failed']} failed")  # fmt: skip
+        for o in outcomes:
+            if o.status == "failed":
+                out.print(f"  [red]{o.item_id}: {o.error}")
+    kinds = Counter(o.media_type for o in outcomes)
+    out.print("media types detected from the bytes: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())))
+
+
+async def _verify(out: Console, codec: AvroCodec, bootstrap: str, anchor: SigningKey) -> None:
+    out.rule("6. Each feed verified end to end with only the group's public key")
+    registry = KeyRegistry(codec, anchors=[anchor.public])
+    registry.apply_all(r.value for r in await read_to_end(bootstrap, KEYS_TOPIC) if r.value is not None)
+    tracker = SequenceTracker()
+    table = Table("topic", "records", "verified", "protected values disclosed", "gaps")
+    for j in JURISDICTIONS:
+        topic = evidence_topic(j)
+        records = await read_to_end(bootstrap, topic)
+        verified = [open_envelope(codec, r.value, topic=topic, keys=registry) for r in records if r.value]
+        for v, r in zip(verified, records, strict=True):
+            tracker.observe(v.key_id, topic, v.sequence, r.value or b"")
+        gaps = sum(len(g) for (_, t), g in tracker.gaps().items() if t == topic)
+        table.add_row(topic, str(len(records)), str(len(verified)), str(sum(len(v.disclosures) for v in verified)),
+                      str(gaps))  # fmt: skip
+    out.print(table)
+
+
+async def _decide(out: Console, codec: AvroCodec, bootstrap: str, admin: SigningKey, anchor: SigningKey) -> None:
+    out.rule("7. What each prosecution office may read (policy in force now)")
+    store = await load_store(bootstrap, PolicyStore(trusted=trusted_keys([admin.public])))
+    engine = PolicyEngine(store)
+    registry = KeyRegistry(codec, anchors=[anchor.public])
+    registry.apply_all(r.value for r in await read_to_end(bootstrap, KEYS_TOPIC) if r.value is not None)
+    table = Table("office", "item", "classification", "decision", "withheld", "determined by")
+    now = datetime.now(UTC)
+    for j, office in OFFICES.items():
+        topic = evidence_topic(j)
+        for r in (await read_to_end(bootstrap, topic))[:6]:
+            event = open_envelope(codec, r.value or b"", topic=topic, keys=registry).record
+            d = engine.decide(office, READ_ITEM, item_attributes(event), now, purpose="prosecution")
+            verdict = "[green]allow[/green]" if d.allowed else "[red]deny[/red]"
+            withheld = ", ".join(d.withheld_fields) or "-"
+            why = ", ".join(d.determining_policies) or "default deny"
+            table.add_row(office, event["item_id"], event["classification"], verdict, withheld, why)
+    out.print(table)
+    out.print(f"decisions: {engine.cache_info()}")

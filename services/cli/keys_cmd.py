@@ -1,0 +1,99 @@
+"""``evhub keys``: Ed25519 key pairs, and the publisher key registry on ``hub.keys`` (issue, revoke, list)."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from services.shared.avro import AvroCodec
+from services.shared.errors import ConfigurationError, EvidenceHubError
+from services.shared.kafka import KEYS_TOPIC, make_producer, read_to_end
+from services.shared.keys import PublicKey, SigningKey
+from services.shared.registry import KeyRegistry, issue
+from services.shared.settings import KafkaSettings
+
+
+def register(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="signing keys and the publisher key registry").add_subparsers(
+        dest="keys_command", required=True
+    )
+    gen = keys.add_parser("generate", help="write PREFIX.key (private, 0600) and PREFIX.pub.pem")
+    gen.add_argument("prefix", type=Path)
+    gen.set_defaults(handler=run_generate)
+    for name, helptext in (("register", "trust a publisher key (signed by a trust anchor)"),
+                           ("revoke", "revoke a publisher key; signatures up to --last-valid-sequence stay valid")):
+        p = keys.add_parser(name, help=helptext)
+        p.add_argument("--anchor-key", type=Path, required=True, help="trust anchor private key (PEM)")
+        p.add_argument("--public-key", type=Path, required=True, help="publisher public key (PEM)")
+        p.add_argument("--org", required=True, help="organisation the key belongs to")
+        p.add_argument("--revision", type=int, default=1, help="must exceed the key's previous record")
+        p.add_argument("--not-before", type=datetime.fromisoformat, default=None)
+        p.add_argument("--not-after", type=datetime.fromisoformat, default=None)
+        if name == "revoke":
+            p.add_argument("--last-valid-sequence", type=int, required=True)
+        p.set_defaults(handler=run_register, revoke=name == "revoke")
+    ls = keys.add_parser("list", help="the registry as a receiver sees it")
+    ls.add_argument("--anchor", type=Path, action="append", required=True, help="trust anchor public key (PEM)")
+    ls.set_defaults(handler=run_list)
+
+
+def _bootstrap() -> str:
+    bootstrap = KafkaSettings().bootstrap
+    if not bootstrap:
+        raise ConfigurationError("set EVHUB_KAFKA_BOOTSTRAP to the hub's Kafka cluster")
+    return bootstrap
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+async def run_generate(args: argparse.Namespace) -> int:
+    key = SigningKey.generate()
+    private, public = args.prefix.with_suffix(".key"), args.prefix.with_suffix(".pub.pem")
+    private.touch(mode=0o600, exist_ok=False)
+    private.write_bytes(key.to_pem())
+    public.write_bytes(key.public.to_pem())
+    print(f"{key.key_id}  {private}  {public}")
+    return 0
+
+
+async def run_register(args: argparse.Namespace) -> int:
+    codec = AvroCodec.load()
+    anchor = SigningKey.from_pem(_read(args.anchor_key))
+    public = PublicKey.from_pem(_read(args.public_key))
+    now = datetime.now(UTC)
+    record = issue(
+        codec, anchor, public_key=public, organisation=args.org, not_before=args.not_before or now,
+        not_after=args.not_after, revoked_at=now if args.revoke else None,
+        last_valid_sequence=args.last_valid_sequence if args.revoke else None, revision=args.revision,
+    )  # fmt: skip
+    producer = make_producer(_bootstrap(), client_id="evhub-keys")
+    await producer.start()
+    try:
+        await producer.send_and_wait(KEYS_TOPIC, record, key=public.key_id.encode())
+    finally:
+        await producer.stop()
+    print(f"{'revoked' if args.revoke else 'registered'} {public.key_id} for {args.org} (revision {args.revision})")
+    return 0
+
+
+async def run_list(args: argparse.Namespace) -> int:
+    codec = AvroCodec.load()
+    registry = KeyRegistry(codec, anchors=[PublicKey.from_pem(_read(p)) for p in args.anchor])
+    records = await read_to_end(_bootstrap(), KEYS_TOPIC)
+    for r in records:
+        try:
+            registry.apply(r.value)
+        except EvidenceHubError as exc:
+            print(f"offset {r.offset}: refused ({exc.detail})")
+    for key_id in sorted(registry.key_ids()):
+        e = registry.entry(key_id)
+        state = "revoked" if e.revoked_at else "valid"
+        print(f"{key_id}  {e.organisation}  {state}  from {e.not_before:%Y-%m-%d} rev {e.revision}")
+    return 0

@@ -1,0 +1,35 @@
+"""From a verified evidence event to the attributes a policy decides on. Pure.
+
+The gateway and ``evhub`` use this so that what a policy sees is exactly what the publisher signed: the target
+jurisdiction of each published copy, the case ids, the classification, the labels, the embargo and consent
+restrictions, and which protected fields the item carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+from services.policy.model import PROTECTED_LABELS, ItemAttributes, ProtectedLabel, SensitivityLabel
+
+
+def item_attributes(
+    event: Mapping[str, Any], *, published_to: Iterable[str] = (), withdrawn: bool = False
+) -> ItemAttributes:
+    """``event`` is a decoded ``evidence_event`` record; ``published_to`` adds the jurisdictions of the item's other
+    copies (an item is one event per jurisdiction)."""
+    sharing = event["sharing"]
+    labels = [s for s in event["sensitivity"] if s != "UNKNOWN"]
+    protected = sorted({p["label"] for p in event["protected"] if p["label"] in PROTECTED_LABELS})
+    return ItemAttributes(
+        item_id=event["item_id"],
+        jurisdictions=tuple(sorted({event["jurisdiction"], *published_to})),
+        case_ids=tuple(event["case_ids"]),
+        classification=event["classification"],
+        sensitivity=tuple(cast(list[SensitivityLabel], labels)),
+        embargo_until=sharing["embargo_until"],
+        consent_jurisdictions=tuple(sharing["allowed_jurisdictions"]),
+        consent_purposes=tuple(sharing["purposes"]),
+        withdrawn=withdrawn,
+        protected_fields=tuple(cast(list[ProtectedLabel], protected)),
+    )

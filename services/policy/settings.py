@@ -1,0 +1,42 @@
+"""Settings of the policy service (env prefix ``EVHUB_POLICY_``), built once in ``__main__``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.shared.errors import ConfigurationError, EvidenceHubError
+from services.shared.kafka import POLICY_TOPIC
+from services.shared.keys import PublicKey
+from services.shared.settings import KafkaSettings
+
+
+class PolicySettings(BaseSettings):
+    """``EVHUB_POLICY_ADMIN_KEYS='["/etc/evhub/policy-admin.pub.pem"]'`` names the trusted policy-admin public
+    keys (PEM files). Without at least one, the service refuses to start: it could accept no version at all."""
+
+    model_config = SettingsConfigDict(env_prefix="EVHUB_POLICY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8082, ge=0, le=65535)
+    topic: str = POLICY_TOPIC
+    admin_keys: list[Path] = Field(default_factory=list)
+    cache_size: int = Field(default=65_536, ge=0)
+    max_body_bytes: int = Field(default=2 << 20, ge=1024)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+
+    def load_admin_keys(self) -> list[PublicKey]:
+        """Raises: ConfigurationError if none are configured, or one is unreadable, not Ed25519, or weak."""
+        if not self.admin_keys:
+            raise ConfigurationError("no policy-admin keys configured (EVHUB_POLICY_ADMIN_KEYS)")
+        keys = []
+        for path in self.admin_keys:
+            try:
+                keys.append(PublicKey.from_pem(path.read_bytes()))
+            except OSError as exc:
+                raise ConfigurationError(f"cannot read policy-admin key {path}: {exc.strerror}") from exc
+            except EvidenceHubError as exc:
+                raise ConfigurationError(f"policy-admin key {path} refused: {exc.detail}") from exc
+        return keys

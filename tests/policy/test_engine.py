@@ -1,0 +1,68 @@
+"""The decision cache: what it keys on, that it is bounded, and that no version in force means deny."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.policy.engine import PolicyEngine, PolicyStore
+from services.policy.model import ItemAttributes
+from services.policy.version import trusted_keys
+from services.shared.errors import ValidationFailed
+from services.shared.keys import SigningKey
+
+AT = datetime(2026, 3, 1, 12, 0, 0, 250_000, tzinfo=UTC)
+
+
+def _item(item_id: str = "a", **changes: object) -> ItemAttributes:
+    base: dict[str, object] = {"item_id": item_id, "jurisdictions": ("DE",), "case_ids": ("CASE-SY-001",),
+                               "classification": "PUBLIC"}  # fmt: skip
+    return ItemAttributes.model_validate({**base, **changes})
+
+
+def test_items_with_equal_attributes_share_a_cache_entry(engine: PolicyEngine) -> None:
+    first = engine.decide("DE-GBA-WCU", "ReadItem", _item("a"), AT)
+    second = engine.decide("DE-GBA-WCU", "ReadItem", _item("b"), AT + timedelta(milliseconds=500))
+    assert first == second
+    assert (engine.cache_info().hits, engine.cache_info().misses) == (1, 1)
+
+
+CHANGES = {
+    "office": ("FR-PNAT", "ReadItem", _item(), AT, None),
+    "action": ("DE-GBA-WCU", "ReadContent", _item(), AT, None),
+    "purpose": ("DE-GBA-WCU", "ReadItem", _item(), AT, "prosecution"),
+    "next second": ("DE-GBA-WCU", "ReadItem", _item(), AT + timedelta(seconds=1), None),
+    "withdrawn": ("DE-GBA-WCU", "ReadItem", _item(withdrawn=True), AT, None),
+    "case": ("DE-GBA-WCU", "ReadItem", _item(case_ids=("CASE-SY-002",)), AT, None),
+}
+
+
+@pytest.mark.parametrize("changed", CHANGES.values(), ids=CHANGES.keys())
+def test_anything_policy_relevant_misses_the_cache(
+    engine: PolicyEngine, changed: tuple[str, str, ItemAttributes, datetime, str | None]
+) -> None:
+    engine.decide("DE-GBA-WCU", "ReadItem", _item(), AT)
+    engine.decide(*changed)
+    assert engine.cache_info().misses == 2
+
+
+def test_cache_is_bounded(store: PolicyStore) -> None:
+    engine = PolicyEngine(store, cache_size=3)
+    for n in range(5):
+        engine.decide("DE-GBA-WCU", "ReadItem", _item(), AT + timedelta(seconds=n))
+    assert engine.cache_info().size == 3
+    engine.clear_cache()
+    assert engine.cache_info().size == 0
+
+
+def test_with_no_valid_policy_everything_is_denied() -> None:
+    engine = PolicyEngine(PolicyStore(trusted=trusted_keys([SigningKey.generate().public])))
+    decision = engine.decide("DE-GBA-WCU", "ReadItem", _item(protected_fields=("MINOR",)), AT)
+    assert (decision.allowed, decision.policy_version, decision.withheld_fields) == (False, None, ("MINOR",))
+    assert "no valid policy version" in decision.reasons[0]
+
+
+def test_a_naive_time_is_a_caller_bug(engine: PolicyEngine) -> None:
+    with pytest.raises(ValidationFailed):
+        engine.decide("DE-GBA-WCU", "ReadItem", _item(), datetime(2026, 1, 1))
