@@ -10,6 +10,8 @@ import pytest
 from services.shared.cluster import KafkaTarget, kafka_cluster
 from services.shared.settings import KafkaSettings
 
+pytest_plugins = ["tests.publishing_stack"]  # the `stack` and `codec` fixtures, shared by several folders
+
 _started: list[KafkaTarget] = []
 
 

@@ -33,7 +33,9 @@ def _parse(path: Path) -> avro.schema.Schema:
 
 
 def _compatible(reader: avro.schema.Schema, writer: avro.schema.Schema) -> bool:
-    result = ReaderWriterCompatibilityChecker().get_compatibility(reader, writer)
+    # avro 1.12.2 declares ``def __init__(self):`` without ``-> None``; everything else it has is typed.
+    checker = ReaderWriterCompatibilityChecker()  # type: ignore[no-untyped-call]
+    result = checker.get_compatibility(reader, writer)
     return bool(result.compatibility is SchemaCompatibilityType.compatible)
 
 

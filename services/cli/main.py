@@ -40,6 +40,15 @@ def exit_code_for(error: EvidenceHubError) -> int:
     return 1
 
 
+def one_line(error: EvidenceHubError, shown: int = 5) -> str:
+    """The error as one line, naming the first few field problems it carries."""
+    problems = [f"{e.get('field')}: {e.get('message')}" for e in error.extensions.get("errors", [])]
+    if not problems:
+        return error.detail
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return f"{error.detail} ({'; '.join(problems[:shown])}{more})".replace("\n", " ")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evhub", description="Evidence Hub command line")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -62,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = asyncio.run(args.handler(args))
         return result
     except EvidenceHubError as exc:
-        print(f"evhub: {exc.detail}", file=sys.stderr)
+        print(f"evhub: {one_line(exc)}", file=sys.stderr)
         return exit_code_for(exc)
     except KeyboardInterrupt:
         print("evhub: interrupted", file=sys.stderr)

@@ -17,7 +17,7 @@ from services.publisher.service import create_app
 from services.publisher.settings import PublisherSettings
 from services.shared.kafka import read_to_end
 from services.shared.tls import CertFiles, client_context, create_dev_pki, server_context
-from tests.publisher.conftest import Stack
+from tests.publishing_stack import Stack
 from tests.publisher.samples import metadata, png
 
 pytestmark = pytest.mark.kafka

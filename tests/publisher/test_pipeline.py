@@ -23,7 +23,7 @@ from services.shared.errors import Conflict, KafkaUnavailable, NotFound, Untrust
 from services.shared.kafka import TopicSpec, ensure_topics, partitions_of, read_to_end
 from services.shared.media import sniff
 from services.shared.registry import issue
-from tests.publisher.conftest import Stack
+from tests.publishing_stack import Stack
 from tests.publisher.samples import metadata, png
 
 pytestmark = pytest.mark.kafka

@@ -137,35 +137,67 @@ HOSTILE: Final[list[tuple[str, str, bytes, type[Exception]]]] = [
     ("truncated_event", "evidence_event", _GOOD_EVENT[: len(_GOOD_EVENT) // 2], DecodeError),
     ("trailing_byte", "evidence_withdrawal", _GOOD_WITHDRAWAL + b"\x00", DecodeError),
     ("trailing_record", "evidence_withdrawal", _GOOD_WITHDRAWAL + _GOOD_WITHDRAWAL[HEADER_LEN:], DecodeError),
-    ("array_count_1e9", "evidence_withdrawal", _framed("evidence_withdrawal", _WITHDRAWAL_PREFIX + _long(10**9)
-                                                      + _str("x") * 3), DecodeError),
-    ("array_count_2_62", "evidence_withdrawal", _framed("evidence_withdrawal", _WITHDRAWAL_PREFIX + _long(2**62)
-                                                       + b"\x00" * 64), DecodeError),
-    ("array_count_negative_with_block_size", "evidence_withdrawal",
-     _framed("evidence_withdrawal", _WITHDRAWAL_PREFIX + _long(-(10**9)) + _long(10**9) + b"\x00" * 8), DecodeError),
-    ("array_count_most_negative", "evidence_withdrawal",
-     _framed("evidence_withdrawal", _WITHDRAWAL_PREFIX + _long(-(2**63)) + _long(4) + b"\x00" * 8), DecodeError),
-    ("array_of_records_count_1e9", "evidence_event",
-     _framed("evidence_event", _str("e") + _str("i") + _long(1) + _long(0) + _str("o") + _str("k") + _long(10**9)
-             + b"\x00" * 16), DecodeError),
+    (
+        "array_count_1e9",
+        "evidence_withdrawal",
+        _framed("evidence_withdrawal", _WITHDRAWAL_PREFIX + _long(10**9) + _str("x") * 3),
+        DecodeError,
+    ),
+    (
+        "array_count_2_62",
+        "evidence_withdrawal",
+        _framed("evidence_withdrawal", _WITHDRAWAL_PREFIX + _long(2**62) + b"\x00" * 64),
+        DecodeError,
+    ),
+    (
+        "array_count_negative_with_block_size",
+        "evidence_withdrawal",
+        _framed("evidence_withdrawal", _WITHDRAWAL_PREFIX + _long(-(10**9)) + _long(10**9) + b"\x00" * 8),
+        DecodeError,
+    ),
+    (
+        "array_count_most_negative",
+        "evidence_withdrawal",
+        _framed("evidence_withdrawal", _WITHDRAWAL_PREFIX + _long(-(2**63)) + _long(4) + b"\x00" * 8),
+        DecodeError,
+    ),
+    (
+        "array_of_records_count_1e9",
+        "evidence_event",
+        _framed(
+            "evidence_event",
+            _str("e") + _str("i") + _long(1) + _long(0) + _str("o") + _str("k") + _long(10**9) + b"\x00" * 16,
+        ),
+        DecodeError,
+    ),
     ("string_length_2_62", "evidence_withdrawal", _framed("evidence_withdrawal", _long(2**62) + b"abc"), DecodeError),
     ("string_length_negative", "evidence_withdrawal", _framed("evidence_withdrawal", _long(-5) + b"abc"), DecodeError),
     ("bytes_length_2_62", "key_record", _framed("key_record", _str("k") + _long(2**62) + b"\x00" * 32), DecodeError),
-    ("envelope_payload_length_1e18", "signed_envelope",
-     _framed("signed_envelope", _str("t") + _str("evidence.DE") + _long(10**18) + b"\x00" * 16), DecodeError),
+    (
+        "envelope_payload_length_1e18",
+        "signed_envelope",
+        _framed("signed_envelope", _str("t") + _str("evidence.DE") + _long(10**18) + b"\x00" * 16),
+        DecodeError,
+    ),
     ("endless_varint", "evidence_withdrawal", _framed("evidence_withdrawal", b"\xff" * 64), DecodeError),
     ("invalid_utf8", "evidence_withdrawal", _framed("evidence_withdrawal", _long(2) + b"\xff\xfe"), DecodeError),
-    ("union_index_out_of_range", "evidence_event",
-     _framed("evidence_event", _str("e") + _str("i") + _long(1) + _long(7) + b"\x00" * 32), DecodeError),
-    ("union_index_negative", "evidence_event",
-     _framed("evidence_event", _str("e") + _str("i") + _long(1) + _long(-1) + b"\x00" * 32), DecodeError),
+    (
+        "union_index_out_of_range",
+        "evidence_event",
+        _framed("evidence_event", _str("e") + _str("i") + _long(1) + _long(7) + b"\x00" * 32),
+        DecodeError,
+    ),
+    (
+        "union_index_negative",
+        "evidence_event",
+        _framed("evidence_event", _str("e") + _str("i") + _long(1) + _long(-1) + b"\x00" * 32),
+        DecodeError,
+    ),
     ("over_max_bytes", "evidence_withdrawal", _GOOD_WITHDRAWAL + b"\x00" * (1 << 20), PayloadTooLarge),
 ]
 
 
-@pytest.mark.parametrize(
-    ("expect", "data", "error"), [row[1:] for row in HOSTILE], ids=[row[0] for row in HOSTILE]
-)
+@pytest.mark.parametrize(("expect", "data", "error"), [row[1:] for row in HOSTILE], ids=[row[0] for row in HOSTILE])
 def test_hostile_input_is_refused(expect: str, data: bytes, error: type[Exception]) -> None:
     # Each of these used to be able to hang, exhaust memory or crash a naive decoder; returning at all is the point.
     with pytest.raises(error):
@@ -318,4 +350,3 @@ def test_every_released_version_of_the_contract_decodes(name: str) -> None:
         data = writer.encode(name, sample_record(name))
         decoded = CODEC.decode(data, expect=name)
         assert decoded.keys() == {f["name"] for f in CODEC.schema(name)["fields"]}, path
-

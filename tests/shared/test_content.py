@@ -74,9 +74,7 @@ async def test_different_bytes_are_stored_apart(tmp_path: Path) -> None:
     [([b"x" * 11], 10), ([b"x" * 6, b"x" * 5], 10), ([_chunk(0)] * 3, 2 * MIB + 1)],
     ids=["one_chunk_over", "over_on_the_second_chunk", "over_after_megabytes"],
 )
-async def test_over_max_size_is_refused_and_leaves_nothing(
-    tmp_path: Path, chunks: list[bytes], max_size: int
-) -> None:
+async def test_over_max_size_is_refused_and_leaves_nothing(tmp_path: Path, chunks: list[bytes], max_size: int) -> None:
     store = LocalContentStore(tmp_path)
     with pytest.raises(PayloadTooLarge):
         await store.put(_stream(chunks), max_size=max_size)

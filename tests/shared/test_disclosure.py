@@ -78,9 +78,7 @@ REFUSED: Final[list[tuple[str, str, list[dict[str, str]], type[Exception]]]] = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("encoded", "signed", "error"), [row[1:] for row in REFUSED], ids=[row[0] for row in REFUSED]
-)
+@pytest.mark.parametrize(("encoded", "signed", "error"), [row[1:] for row in REFUSED], ids=[row[0] for row in REFUSED])
 def test_reveal_refuses(encoded: str, signed: list[dict[str, str]], error: type[Exception]) -> None:
     with pytest.raises(error):
         disclosure.reveal([LOCATION.encoded, encoded], signed)
@@ -110,9 +108,15 @@ def test_a_reader_given_some_disclosures_still_verifies_and_sees_only_those(
     record = evidence_event(key_id=publisher.key_id, protected=SIGNED)
     sealed = seal(codec, schema="evidence_event", record=record, topic=TOPIC_DE, signer=publisher, sequence=1,
                   disclosures=[d.encoded for d in ALL])  # fmt: skip
-    forwarded = with_disclosures(codec, sealed, disclosure.visible(
-        [d.encoded for d in ALL], record["protected"], withheld={"WITNESS_IDENTIFYING", "VICTIM_IDENTIFYING"}))
-    assert WITNESS.encoded.encode() not in forwarded and VICTIM.encoded.encode() not in forwarded
+    forwarded = with_disclosures(
+        codec,
+        sealed,
+        disclosure.visible(
+            [d.encoded for d in ALL], record["protected"], withheld={"WITNESS_IDENTIFYING", "VICTIM_IDENTIFYING"}
+        ),
+    )
+    assert WITNESS.encoded.encode() not in forwarded
+    assert VICTIM.encoded.encode() not in forwarded
 
     verified = open_envelope(codec, forwarded, topic=TOPIC_DE, keys=registry)
     assert verified.disclosures == (LOCATION.encoded,)

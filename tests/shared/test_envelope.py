@@ -173,9 +173,7 @@ TAMPERED: Final[list[tuple[str, bytes, str, type[EvidenceHubError]]]] = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("data", "topic", "error"), [row[1:] for row in TAMPERED], ids=[row[0] for row in TAMPERED]
-)
+@pytest.mark.parametrize(("data", "topic", "error"), [row[1:] for row in TAMPERED], ids=[row[0] for row in TAMPERED])
 def test_tampered_envelope_is_refused(data: bytes, topic: str, error: type[EvidenceHubError]) -> None:
     with pytest.raises(error):
         open_envelope(_CODEC, data, topic=topic, keys=_registry())
@@ -203,11 +201,12 @@ def test_any_single_byte_change_is_rejected(data: st.DataObject) -> None:
     xor = data.draw(st.integers(min_value=1, max_value=255), label="xor")
     changed = bytearray(_GOOD)
     changed[position] ^= xor
-    with pytest.raises((DecodeError, PayloadTooLarge, TrustError)):
+    try:
         verified = open_envelope(_CODEC, bytes(changed), topic=TOPIC_DE, keys=_REGISTRY)
-        # Reaching this line fails the test; the assertion says what would have been worse.
-        assert verified.record == evidence_event(key_id=_PUBLISHER.key_id), "a tampered record verified"
-
+    except (DecodeError, PayloadTooLarge, TrustError):
+        return
+    same = verified.record == evidence_event(key_id=_PUBLISHER.key_id)
+    pytest.fail(f"byte {position} ^ {xor:#04x} was accepted; the record is {'the same' if same else 'CHANGED'}")
 
 
 def test_every_byte_position_with_one_bit_flipped_is_rejected() -> None:

@@ -58,8 +58,10 @@ def test_repr_of_a_signing_key_does_not_leak_it() -> None:
 
 
 def _ec_public_pem() -> bytes:
-    return ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    return (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
 
 
@@ -131,7 +133,7 @@ def test_wrong_length_keys_are_refused(raw: bytes) -> None:
 
 
 def test_off_curve_encoding_is_refused() -> None:
-    raw = (2).to_bytes(32, "little")  # y = 2: (y² − 1)/(d·y² + 1) has no square root
+    raw = (2).to_bytes(32, "little")  # y = 2: (y*y - 1)/(d*y*y + 1) has no square root
     assert is_weak_public_key(raw)
 
 
@@ -150,8 +152,10 @@ def test_why_the_check_matters_openssl_accepts_a_forgery_for_the_identity_key() 
 
 @given(seed=st.binary(min_size=32, max_size=32))
 def test_generated_keys_are_never_refused(seed: bytes) -> None:
-    raw = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    raw = (
+        Ed25519PrivateKey.from_private_bytes(seed)
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     )
     assert not is_weak_public_key(raw)
     assert PublicKey.from_raw(raw).key_id == hashlib.sha256(raw).hexdigest()

@@ -47,7 +47,8 @@ def test_an_issued_key_is_applied(codec: AvroCodec, anchor: SigningKey) -> None:
     assert (entry.key.key_id, entry.organisation, entry.not_before, entry.not_after, entry.revision) == (
         key.key_id, ORG, NOT_BEFORE, None, 1)  # fmt: skip
     assert reg.resolve(key.key_id, sequence=1).raw == key.public.raw
-    assert len(reg) == 1 and reg.rejected == 0
+    assert len(reg) == 1
+    assert reg.rejected == 0
 
 
 def test_issue_matches_the_documented_signing_rule(codec: AvroCodec, anchor: SigningKey) -> None:
@@ -135,9 +136,7 @@ def test_apply_all_skips_bad_records_and_counts_them(codec: AvroCodec, anchor: S
     assert len(reg) == 2
 
 
-def test_a_newer_revision_replaces_the_older_revocation(
-    codec: AvroCodec, anchor: SigningKey
-) -> None:
+def test_a_newer_revision_replaces_the_older_revocation(codec: AvroCodec, anchor: SigningKey) -> None:
     reg = KeyRegistry(codec, anchors=[anchor.public])
     reg.apply(_signed(codec, anchor, _record(anchor, _KEY, revision=1)))
     assert reg.resolve(_KEY.key_id, sequence=1000).raw == _KEY.public.raw

@@ -1,0 +1,70 @@
+"""The shape STYLE.md asks for: pure cores that do no I/O, and one import root."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PURE = [
+    "services/publisher/core.py",
+    "services/shared/keys.py",
+    "services/shared/disclosure.py",
+    "services/shared/media.py",
+    "services/shared/registry.py",
+    "services/shared/envelope.py",
+    "services/policy/attributes.py",
+]
+FORBIDDEN = {"asyncio", "aiohttp", "aiokafka", "os", "time", "socket", "subprocess", "sqlite3", "random", "secrets"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_cores_do_no_io_and_read_no_clock(module: str) -> None:
+    assert _imports(ROOT / module) & FORBIDDEN == set()
+
+
+def test_nothing_reads_the_environment_outside_settings() -> None:
+    offenders = []
+    for path in (ROOT / "services").rglob("*.py"):
+        text = path.read_text()
+        if ("os.environ" in text or "os.getenv" in text) and path.name not in {"local_kafka.py", "supervise.py"}:
+            offenders.append(str(path.relative_to(ROOT)))
+    # local_kafka reads XDG_CACHE_HOME for a default path; supervise passes the environment on to a child process
+    assert offenders == []
+
+
+def test_importing_every_service_does_no_io_at_import_time() -> None:
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k):\n    raise SystemExit('network I/O at import time')\n"
+        "socket.socket.connect = socket.socket.bind = socket.socket.connect_ex = refuse\n"
+        "import services.publisher.service, services.policy.service, services.cli.main, services.shared.cluster\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert run.stdout.strip() == "ok", run.stderr
+
+
+def test_a_misconfigured_publisher_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "services.publisher"], capture_output=True, text=True, cwd=tmp_path, check=False,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "TLS is required" in run.stderr
+    assert "Traceback" not in run.stderr
