@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=25, help="functions to show with --profile")
     p.add_argument("--out", type=Path, help="write the JSON here (default: bench/results/, or a temp file)")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.md")
-    p.add_argument("--repeats", type=int, help="measured repeats per scenario (default 7, quick 3)")
+    p.add_argument("--rounds", type=int, help="round-robin rounds, a fresh process each (default 3, quick 1)")
+    p.add_argument("--repeats", type=int, help="measured repeats per scenario and round (default 3)")
     p.add_argument("--warmups", type=int, help="unmeasured warm-up calls per scenario (default 1)")
     p.add_argument("--events", type=int, help="events per call for every scenario (default: each its own)")
     p.add_argument("--record-size", type=int, help="bytes per record for every scenario")
@@ -84,11 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     plan = Plan.for_mode(
-        quick=args.quick, repeats=args.repeats, warmups=args.warmups, events=args.events,
+        quick=args.quick, rounds=args.rounds, repeats=args.repeats, warmups=args.warmups, events=args.events,
         record_size=args.record_size, seconds=args.seconds,
     )  # fmt: skip
-    if plan.repeats < 1 or plan.warmups < 0:
-        print("bench: --repeats must be ≥ 1 and --warmups ≥ 0", file=sys.stderr)
+    if plan.rounds < 1 or plan.repeats < 1 or plan.warmups < 0:
+        print("bench: --rounds and --repeats must be ≥ 1, --warmups ≥ 0", file=sys.stderr)
         return 2
     if args.child:
         if not args.bootstrap:

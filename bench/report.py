@@ -136,12 +136,12 @@ def _cpu_model() -> str:
 
 def environment() -> dict[str, Any]:
     """Versions and machine size, so two runs can be told apart."""
-    import confluent_kafka
+    import confluent_kafka  # deferred: only the parent describes the run
 
     return {
         "python": platform.python_version(),
         "aiokafka": metadata.version("aiokafka"),
-        "confluent_kafka": confluent_kafka.version()[0],
+        "confluent_kafka": metadata.version("confluent-kafka"),
         "librdkafka": confluent_kafka.libversion()[0],
         "kafka_broker": kafka_version(),
         "nproc": len(os.sched_getaffinity(0)),
@@ -191,9 +191,10 @@ def generated_section(table: str, doc: dict[str, Any]) -> str:
         f"(librdkafka {env['librdkafka']}), Kafka broker {env['kafka_broker']} ({broker['kind']}{rss}). "
         f"Machine: {env['nproc']} CPUs ({env['cpu']}), {env['memory_gib']} GiB memory, {env['platform']}.",
         "",
-        f"Each scenario ran in its own process: {plan['warmups']} warm-up, then {plan['repeats']} measured "
-        "repeats; *median* is their median, *spread* their min-max, *peak RSS* that process's "
-        "high-water mark from the end of set-up on.",
+        f"{plan['rounds']} round(s), scenarios taking turns; in each round every scenario ran in a fresh process: "
+        f"{plan['warmups']} warm-up, then {plan['repeats']} measured repeats. *median* and *spread* (min-max) are "
+        "over all measured repeats; *peak RSS* is the highest high-water mark of the scenario's processes, counted "
+        "from the end of set-up.",
         "",
         table,
     ])  # fmt: skip

@@ -18,7 +18,7 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -34,18 +34,22 @@ CHILD_TIMEOUT_S: Final = 600.0
 
 @dataclass(frozen=True)
 class Plan:
-    """How much each scenario does. ``events``/``record_size``/``seconds`` override every scenario's own."""
+    """How much each scenario does. A run is ``rounds`` rounds; in each, every scenario gets a fresh child that
+    does ``warmups`` + ``repeats`` calls, scenarios taking turns (round-robin), so a noisy minute on a shared
+    machine hits a scenario and its baseline alike. ``events``/``record_size``/``seconds`` override every
+    scenario's own size."""
 
     quick: bool = False
+    rounds: int = 3
     warmups: int = 1
-    repeats: int = 7
+    repeats: int = 3
     events: int | None = None
     record_size: int | None = None
     seconds: float | None = None
 
     @classmethod
     def for_mode(cls, *, quick: bool, **overrides: Any) -> Plan:
-        base = {"quick": quick, "warmups": 1, "repeats": 3 if quick else 7}
+        base = {"quick": quick, "rounds": 1 if quick else 3, "warmups": 1, "repeats": 3}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def events_for(self, spec: Scenario) -> int:
@@ -193,21 +197,37 @@ class RunOutcome:
     wall_seconds: float
 
 
-async def run_all(specs: Iterable[Scenario], plan: Plan, settings: KafkaSettings) -> RunOutcome:
-    """Start (or find) the broker once, run each scenario's child in turn, one at a time (2 cores: running two
-    scenarios at once would measure their contention)."""
+def merge(rounds: Sequence[ChildResult]) -> ChildResult:
+    """One scenario's children over all rounds: repeats concatenated, the highest peak RSS, the first error."""
+    first = rounds[0]
+    error = next((r.error for r in rounds if r.error), None)
+    return ChildResult(
+        name=first.name, repeats=() if error else tuple(x for r in rounds for x in r.repeats),
+        peak_rss_kib=max(r.peak_rss_kib for r in rounds), events=max(r.events for r in rounds),
+        record_size=max(r.record_size for r in rounds), wall_seconds=sum(r.wall_seconds for r in rounds),
+        error=error,
+    )  # fmt: skip
+
+
+async def run_all(specs: Sequence[Scenario], plan: Plan, settings: KafkaSettings) -> RunOutcome:
+    """Start (or find) the broker once, then run the rounds: each scenario's child in turn, one at a time (2 cores:
+    running two scenarios at once would measure their contention). A scenario that failed is not run again."""
     began = time.perf_counter()
-    results = []
+    children: dict[str, list[ChildResult]] = {spec.name: [] for spec in specs}
     async with akafka_cluster(settings) as target:
         log.info("Kafka (%s) at %s", target.kind, target.bootstrap)
-        for spec in specs:
-            print(f"bench: {spec.name} …", file=sys.stderr, flush=True)
-            result = await run_child(spec, target.bootstrap, plan)
-            if result.error:
-                print(f"bench: {spec.name} failed: {result.error}", file=sys.stderr, flush=True)
-            results.append(result)
+        for round_no in range(1, plan.rounds + 1):
+            for spec in specs:
+                if any(r.error for r in children[spec.name]):
+                    continue
+                print(f"bench: round {round_no}/{plan.rounds}: {spec.name} …", file=sys.stderr, flush=True)
+                result = await run_child(spec, target.bootstrap, plan)
+                if result.error:
+                    print(f"bench: {spec.name} failed: {result.error}", file=sys.stderr, flush=True)
+                children[spec.name].append(result)
         broker_rss = broker_peak_rss_kib(target)
     return RunOutcome(
-        results=results, broker_kind=target.kind, broker_startup_seconds=target.startup_seconds,
-        broker_peak_rss_kib=broker_rss, wall_seconds=time.perf_counter() - began,
+        results=[merge(children[spec.name]) for spec in specs], broker_kind=target.kind,
+        broker_startup_seconds=target.startup_seconds, broker_peak_rss_kib=broker_rss,
+        wall_seconds=time.perf_counter() - began,
     )  # fmt: skip

@@ -160,7 +160,7 @@ async def _verify(out: Console, codec: AvroCodec, bootstrap: str, anchor: Signin
         verified = [open_envelope(codec, r.value, topic=topic, keys=registry) for r in records if r.value]
         for v, r in zip(verified, records, strict=True):
             tracker.observe(v.key_id, topic, v.sequence, r.value or b"")
-        gaps = sum(len(g) for (_, t), g in tracker.gaps().items() if t == topic)
+        gaps = sum(last - first + 1 for (_, t), g in tracker.gaps().items() if t == topic for first, last in g)
         table.add_row(topic, str(len(records)), str(len(verified)), str(sum(len(v.disclosures) for v in verified)),
                       str(gaps))  # fmt: skip
     out.print(table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ def register(sub: Any) -> None:
     keys = sub.add_parser("keys", help="signing keys and the publisher key registry").add_subparsers(
         dest="keys_command", required=True
     )
-    gen = keys.add_parser("generate", help="write PREFIX.key (private, 0600) and PREFIX.pub.pem")
+    gen = keys.add_parser("generate", help="write an Ed25519 pair: PREFIX.key (private, 0600) and PREFIX.pub.pem")
     gen.add_argument("prefix", type=Path)
     gen.set_defaults(handler=run_generate)
     for name, helptext in (("register", "trust a publisher key (signed by a trust anchor)"),
@@ -54,12 +55,19 @@ def _read(path: Path) -> bytes:
 
 
 async def run_generate(args: argparse.Namespace) -> int:
+    """Raises: ConfigurationError if either file exists (a key is never overwritten) or can't be written."""
     key = SigningKey.generate()
-    private, public = args.prefix.with_suffix(".key"), args.prefix.with_suffix(".pub.pem")
-    private.touch(mode=0o600, exist_ok=False)
-    private.write_bytes(key.to_pem())
-    public.write_bytes(key.public.to_pem())
-    print(f"{key.key_id}  {private}  {public}")
+    private = args.prefix.with_name(args.prefix.name + ".key")
+    public = args.prefix.with_name(args.prefix.name + ".pub.pem")
+    try:
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never overwrite, never world-readable
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key.to_pem())
+        with public.open("xb") as handle:
+            handle.write(key.public.to_pem())
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {exc.filename}: {exc.strerror}") from exc
+    print(f"{key.key_id}  private {private}  public {public}")
     return 0
 
 

@@ -1,4 +1,6 @@
-"""``evhub policy``: validate, push (sign + publish), history, show, explain policy versions; keygen.
+"""``evhub policy``: validate, push (sign + publish), history, show and explain policy versions.
+
+Policy-admin key pairs come from ``evhub keys generate``.
 
 Each handler is ``async def (args) -> exit code`` and raises ``services.shared.errors`` exceptions; ``main``
 turns those into a one-line message and an exit code. ``push``/``history``/``show`` read and write ``hub.policy``
@@ -9,7 +11,6 @@ Trusted policy-admin keys come from ``--trust PEM`` (repeatable) or ``EVHUB_POLI
 from __future__ import annotations
 
 import argparse
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,6 @@ def register(sub: Any) -> None:
     kafka_args(show)
     show.set_defaults(handler=run_show)
 
-    keygen = verbs.add_parser("keygen", help="write a new policy-admin key pair (PEM): OUT and OUT.pub")
-    keygen.add_argument("out", type=Path)
-    keygen.set_defaults(handler=run_keygen)
 
     explain = verbs.add_parser("explain", help="decide one read and print the policies that determined it")
     kafka_args(explain)
@@ -145,20 +143,6 @@ async def run_push(args: argparse.Namespace) -> int:
     store.check(signed)  # the same checks the policy service will make, including effective_from ordering
     where = await publish_version(_bootstrap(), signed, topic=args.topic)
     print(f"pushed {signed.content_hash} ({where}), effective from {version.effective_from.isoformat()}")
-    return 0
-
-
-async def run_keygen(args: argparse.Namespace) -> int:
-    key = SigningKey.generate()
-    public = args.out.with_name(args.out.name + ".pub")
-    try:
-        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never overwrite, never world-readable
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key.to_pem())
-        public.write_bytes(key.public.to_pem())
-    except OSError as exc:
-        raise ConfigurationError(f"cannot write {args.out}: {exc.strerror}") from exc
-    print(f"policy-admin key {key.key_id}: private {args.out}, public {public}")
     return 0
 
 

@@ -17,9 +17,8 @@ Does not own: decisions (``engine``), record format and signatures (``version``)
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,16 +36,15 @@ from services.policy.topic import ensure_policy_topic, follow, start_reader
 from services.policy.version import from_record, trusted_keys
 from services.shared.errors import (
     ConfigurationError,
-    EvidenceHubError,
     InfrastructureError,
     KafkaUnavailable,
     ValidationFailed,
 )  # fmt: skip
+from services.shared.http import problem_middleware
 from services.shared.kafka import make_producer
 from services.shared.keys import PublicKey
 
 log = logging.getLogger(__name__)
-PROBLEM = "application/problem+json"
 Clock = Callable[[], datetime]
 
 
@@ -80,29 +78,6 @@ class DecisionRequest(BaseModel):
     feed: FeedRef | None = None
     at: AwareDatetime | None = None
     purpose: str | None = None
-
-
-def problem(error: EvidenceHubError, instance: str) -> web.Response:
-    body: dict[str, Any] = {
-        "type": f"https://evidence-hub.example/problems/{error.type_slug}", "title": error.title,
-        "status": error.http_status, "detail": error.detail, "instance": instance, **error.extensions,
-    }  # fmt: skip
-    return web.Response(status=error.http_status, text=json.dumps(body, default=str), content_type=PROBLEM)
-
-
-@web.middleware
-async def problems(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                   ) -> web.StreamResponse:  # fmt: skip
-    try:
-        return await handler(request)
-    except EvidenceHubError as exc:
-        return problem(exc, request.path)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        body = {"type": "about:blank", "title": exc.reason, "status": exc.status, "detail": exc.reason,
-                "instance": request.path}  # fmt: skip
-        return web.Response(status=exc.status, text=json.dumps(body), content_type=PROBLEM)
 
 
 async def _json_body(request: web.Request) -> bytes:
@@ -197,7 +172,7 @@ def create_app(
     if not bootstrap:
         raise ConfigurationError("the policy service needs a Kafka bootstrap (EVHUB_KAFKA_BOOTSTRAP)")
     trusted = trusted_keys(tuple(keys) if keys is not None else tuple(settings.load_admin_keys()))
-    app = web.Application(middlewares=[problems], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[problem_middleware], client_max_size=settings.max_body_bytes)
     store = PolicyStore(trusted=trusted)
     app[STATE] = PolicyState(store=store, engine=PolicyEngine(store, cache_size=settings.cache_size))
     app[SETTINGS] = settings

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
-from services.shared.errors import NotFound, PayloadTooLarge, StoreUnavailable, ValidationFailed
+from services.shared.errors import InputError, NotFound, PayloadTooLarge, StoreUnavailable, ValidationFailed
 from services.shared.media import HEAD_BYTES
 
 CHUNK: Final = 1 << 20
@@ -75,6 +75,7 @@ class LocalContentStore:
 
         Raises:
             PayloadTooLarge: more than ``max_size`` bytes arrived (nothing is kept).
+            UploadInterrupted: the source of ``chunks`` failed (e.g. the client disconnected); nothing is kept.
             StoreUnavailable: the disk failed (full, read-only, …).
         """
         fd, tmp_name = await asyncio.to_thread(tempfile.mkstemp, dir=self._tmp, prefix="in-")
@@ -82,7 +83,7 @@ class LocalContentStore:
         digest, size, head = hashlib.sha256(), 0, bytearray()
         try:
             with os.fdopen(fd, "wb") as out:
-                async for chunk in chunks:
+                async for chunk in _from_client(chunks):
                     size += len(chunk)
                     if size > max_size:
                         raise PayloadTooLarge(f"file is larger than the {max_size}-byte limit", limit=max_size)
@@ -138,6 +139,24 @@ class LocalContentStore:
                 yield chunk
         finally:
             handle.close()
+
+
+class UploadInterrupted(InputError):
+    title = "Upload interrupted"
+    type_slug = "upload-interrupted"
+
+
+async def _from_client(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """Tell a failing source (a client gone mid-upload) apart from a failing disk: only the latter is a 503."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except OSError as exc:
+            raise UploadInterrupted(f"the upload stopped before its end: {exc.__class__.__name__}") from exc
+        yield chunk
 
 
 def _flush_and_sync(out: object) -> None:

@@ -6,6 +6,7 @@ own HTTP errors keep their status; anything else is a 500 whose details go to th
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def problem(status: int, title: str, detail: str, *, type_slug: str, instance: str, **extensions: Any) -> web.Response:
     body = {"type": TYPE_BASE + type_slug, "title": title, "status": status, "detail": detail, "instance": instance}
-    return web.json_response({**extensions, **body}, status=status, content_type=PROBLEM_JSON)
+    text = json.dumps({**extensions, **body}, default=str)  # extensions may hold datetimes
+    return web.Response(text=text, status=status, content_type=PROBLEM_JSON)
 
 
 @web.middleware

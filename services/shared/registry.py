@@ -130,6 +130,9 @@ class KeyRegistry:
         if entry.not_after is not None and signed_at >= entry.not_after:
             raise UntrustedKey("expired key")
 
+    def organisation_of(self, key_id: str) -> str:
+        return self.entry(key_id).organisation
+
     def check_can_sign(self, key_id: str, now: datetime) -> None:
         """Refuse to publish with a key that receivers would refuse.
 

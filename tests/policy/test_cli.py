@@ -41,16 +41,6 @@ def keys(tmp_path: Path) -> tuple[Path, Path]:
     return private, public
 
 
-async def test_keygen_writes_a_usable_pair_and_never_overwrites(tmp_path: Path) -> None:
-    out = tmp_path / "admin.pem"
-    assert await evhub("policy", "keygen", str(out)) == 0
-    key = SigningKey.from_pem(out.read_bytes())
-    assert (tmp_path / "admin.pem.pub").read_bytes() == key.public.to_pem()
-    assert out.stat().st_mode & 0o077 == 0
-    with pytest.raises(ConfigurationError):
-        await evhub("policy", "keygen", str(out))
-
-
 async def test_validate_accepts_the_sample_pack(capsys: pytest.CaptureFixture[str]) -> None:
     assert await evhub("policy", "validate", str(SAMPLE_PACK)) == 0
     assert "is valid (3 offices)" in capsys.readouterr().out

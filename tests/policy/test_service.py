@@ -12,12 +12,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from services.policy.pack import PolicyPack
-from services.policy.service import PROBLEM, create_app
+from services.policy.service import create_app
 from services.policy.settings import PolicySettings
 from services.policy.topic import ensure_policy_topic, publish_version
 from services.policy.version import PolicyVersion, SignedPolicyVersion, sign
 from services.shared.cluster import KafkaTarget
 from services.shared.errors import ConfigurationError
+from services.shared.http import PROBLEM_JSON as PROBLEM
 from services.shared.kafka import make_producer
 from services.shared.keys import SigningKey
 

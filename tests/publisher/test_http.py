@@ -17,8 +17,8 @@ from services.publisher.service import create_app
 from services.publisher.settings import PublisherSettings
 from services.shared.kafka import read_to_end
 from services.shared.tls import CertFiles, client_context, create_dev_pki, server_context
-from tests.publishing_stack import Stack
 from tests.publisher.samples import metadata, png
+from tests.publishing_stack import Stack
 
 pytestmark = pytest.mark.kafka
 MAX_FILE = 64 * 1024

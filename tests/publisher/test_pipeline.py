@@ -23,8 +23,8 @@ from services.shared.errors import Conflict, KafkaUnavailable, NotFound, Untrust
 from services.shared.kafka import TopicSpec, ensure_topics, partitions_of, read_to_end
 from services.shared.media import sniff
 from services.shared.registry import issue
-from tests.publishing_stack import Stack
 from tests.publisher.samples import metadata, png
+from tests.publishing_stack import Stack
 
 pytestmark = pytest.mark.kafka
 

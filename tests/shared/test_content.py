@@ -169,3 +169,18 @@ async def test_digests_with_path_characters_are_refused(tmp_path: Path, digest: 
         await store.size(digest)
     with pytest.raises(ValidationFailed):
         await _read_all(store, digest)
+
+
+async def test_a_client_that_disconnects_mid_upload_is_not_a_store_failure_and_leaves_nothing(tmp_path: Path) -> None:
+    from services.shared.content import UploadInterrupted
+
+    store = LocalContentStore(tmp_path / "store")
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"\xff\xd8\xff" + bytes(1000)
+        raise ConnectionResetError("peer went away")
+
+    with pytest.raises(UploadInterrupted) as caught:
+        await store.put(broken(), max_size=1 << 20)
+    assert caught.value.http_status == 400
+    assert [p for p in (tmp_path / "store").rglob("*") if p.is_file()] == []

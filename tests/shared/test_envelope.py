@@ -306,7 +306,7 @@ def test_gaps_are_reported_and_out_of_order_arrival_is_normal() -> None:
     for sequence in (5, 1, 2):  # partitions interleave: a lower number after a higher one is not an error
         tracker.observe("k", TOPIC_DE, sequence, _digest(bytes([sequence])))
     tracker.observe("k", TOPIC_FR, 1, _digest(b"fr"))
-    assert tracker.gaps() == {("k", TOPIC_DE): [3, 4]}
+    assert tracker.gaps() == {("k", TOPIC_DE): [(3, 4)]}
     tracker.observe("k", TOPIC_DE, 4, _digest(b"4"))
     tracker.observe("k", TOPIC_DE, 3, _digest(b"3"))
     assert tracker.gaps() == {}
@@ -323,3 +323,25 @@ def test_replaying_a_verified_envelope_under_its_own_sequence_is_detected(
     verified = open_envelope(codec, second, topic=TOPIC_DE, keys=registry)  # the signature itself is fine
     with pytest.raises(ReplayDetected):
         tracker.observe(verified.key_id, TOPIC_DE, verified.sequence, _digest(second))
+
+
+def test_a_huge_sequence_number_costs_no_memory_in_gap_reports() -> None:
+    tracker = SequenceTracker()
+    tracker.observe("k", TOPIC_DE, 1, _digest(b"1"))
+    tracker.observe("k", TOPIC_DE, 2**40, _digest(b"huge"))
+    assert tracker.gaps() == {("k", TOPIC_DE): [(2, 2**40 - 1)]}
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [{"organisation": "Another group"}, {"key_id": "0" * 64}],
+    ids=["another-organisation", "another-key-id"],
+)
+def test_an_event_naming_another_publisher_than_its_signer_is_refused(
+    codec: AvroCodec, registry: KeyRegistry, publisher: SigningKey, claim: dict[str, str]
+) -> None:
+    record = evidence_event(key_id=publisher.key_id)
+    record["publisher"] = {**record["publisher"], **claim}
+    data = seal(codec, schema="evidence_event", record=record, topic=TOPIC_DE, signer=publisher, sequence=1)
+    with pytest.raises(UntrustedKey, match="another publisher"):
+        open_envelope(codec, data, topic=TOPIC_DE, keys=registry)
