@@ -27,10 +27,13 @@ from bench.harness import Context, scenario
 PARTITIONS: Final = 3
 KEYS: Final = tuple(f"case-{i:06d}".encode() for i in range(64))
 CONSUME_DEADLINE_S: Final = 120.0
-#: Full-run sizes: a pair (aiokafka, confluent) uses the same N so the ratio compares equal work; large enough
-#: that the slower client runs for seconds per call (aiokafka ~10k produced/s, ~200k consumed/s on 2 cores).
-PRODUCE_N: Final = 100_000
-CONSUME_N: Final = 200_000
+#: Full-run sizes, chosen so that each call lasts about 1-6 s on 2 cores (aiokafka produces ~17k/s and consumes
+#: ~190k/s, librdkafka ~150k/s and ~550k/s): long enough that a noisy second on a shared machine averages out.
+#: Every call is primed first, so the rates compared are steady-state rates whatever N each side uses.
+AIOKAFKA_PRODUCE_N: Final = 100_000
+AIOKAFKA_CONSUME_N: Final = 300_000
+CONFLUENT_PRODUCE_N: Final = 300_000
+CONFLUENT_CONSUME_N: Final = 600_000
 AIOKAFKA_PRODUCER: Final = {"acks": "all", "enable_idempotence": True, "linger_ms": 5}
 CONFLUENT_PRODUCER: Final = {"acks": "all", "enable.idempotence": True, "linger.ms": 5}
 
@@ -78,7 +81,7 @@ async def _preproduce(ctx: Context) -> None:
     ctx.state["topic"] = topic
 
 
-@scenario(name="aiokafka-produce", unit="events/s", events=PRODUCE_N)
+@scenario(name="aiokafka-produce", unit="events/s", events=AIOKAFKA_PRODUCE_N)
 async def aiokafka_produce(ctx: Context) -> int:
     """aiokafka: produce N records, acks=all, idempotent, all acknowledged."""
     topic = await ctx.topic(partitions=PARTITIONS)
@@ -96,7 +99,7 @@ async def aiokafka_produce(ctx: Context) -> int:
     return ctx.events
 
 
-@scenario(name="aiokafka-consume", unit="events/s", events=CONSUME_N, setup=_preproduce)
+@scenario(name="aiokafka-consume", unit="events/s", events=AIOKAFKA_CONSUME_N, setup=_preproduce)
 async def aiokafka_consume(ctx: Context) -> int:
     """aiokafka: read N pre-produced records from the beginning, read_committed."""
     topic: str = ctx.state["topic"]
@@ -122,7 +125,7 @@ async def aiokafka_consume(ctx: Context) -> int:
     return seen
 
 
-@scenario(name="confluent-produce", unit="events/s", baseline="aiokafka-produce", events=PRODUCE_N)
+@scenario(name="confluent-produce", unit="events/s", baseline="aiokafka-produce", events=CONFLUENT_PRODUCE_N)
 async def confluent_produce(ctx: Context) -> int:
     """confluent-kafka (librdkafka): produce N records, acks=all, idempotent, all acknowledged."""
     from confluent_kafka import KafkaException, Producer
@@ -149,7 +152,10 @@ async def confluent_produce(ctx: Context) -> int:
     return ctx.events
 
 
-@scenario(name="confluent-consume", unit="events/s", baseline="aiokafka-consume", events=CONSUME_N, setup=_preproduce)
+@scenario(
+    name="confluent-consume", unit="events/s", baseline="aiokafka-consume", events=CONFLUENT_CONSUME_N,
+    setup=_preproduce,
+)
 async def confluent_consume(ctx: Context) -> int:
     """confluent-kafka (librdkafka): read N pre-produced records from the beginning, read_committed."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException

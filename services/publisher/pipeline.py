@@ -124,9 +124,11 @@ class EvidencePublisher:
     jurisdictions: Sequence[str]
     registry: KeyRegistry | None = None
     clock: Clock = utc_now
-    salt: Callable[[int], bytes] = secrets.token_bytes
-    new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
+    #: Randomness for salts and event ids, drawn once per request (one getrandom call, not one per value).
+    entropy: Callable[[int], bytes] = secrets.token_bytes
     _in_flight: set[str] = field(default_factory=set, init=False, repr=False)
+    _enqueue: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+    _marks: list[tuple[int | None, int | None, str, str, str]] = field(default_factory=list, init=False, repr=False)
 
     async def publish(
         self, meta: core.EvidenceMetadata, content: ContentInfo, *, idempotency_key: str | None = None
@@ -161,8 +163,9 @@ class EvidencePublisher:
         now = self.clock()
         if self.registry is not None:
             self.registry.check_can_sign(self.signer.key_id, now)
-        salts = [self.salt(16) for _ in meta.protected]
-        event_id = self.new_id()
+        random = self.entropy(16 * (len(meta.protected) + 1))
+        event_id = str(uuid.UUID(bytes=random[:16], version=4))
+        salts = [random[16 * (i + 1) : 16 * (i + 2)] for i in range(len(meta.protected))]
         descriptor = {"media_type": content.media_type, "size": content.size, "sha256": content.sha256,
                       "file_name": content.file_name}  # fmt: skip
 
@@ -198,8 +201,8 @@ class EvidencePublisher:
             self._record(conn, key, fingerprint, operation, event_id, meta.item_id, version, now)
             return event_id, version, False
 
-        eid, version, replayed = await self.committer.run(unit)
-        return await self._deliver_event(operation, eid, meta.item_id, version, replayed, content)
+        eid, version, replayed, rows = await self.committer.run(_with_outbox(unit))
+        return await self._deliver_event(operation, eid, meta.item_id, version, replayed, rows, content)
 
     async def withdraw(self, item_id: str, reason: str, *, idempotency_key: str | None = None) -> PublishResult:
         """Withdraw every version of ``item_id`` from every jurisdiction it was published to.
@@ -211,7 +214,7 @@ class EvidencePublisher:
         now = self.clock()
         if self.registry is not None:
             self.registry.check_can_sign(self.signer.key_id, now)
-        event_id = self.new_id()
+        event_id = str(uuid.UUID(bytes=self.entropy(16), version=4))
 
         def unit(conn: sqlite3.Connection) -> tuple[str, int, bool]:
             done = _replay(conn, key, fingerprint)
@@ -234,8 +237,8 @@ class EvidencePublisher:
             self._record(conn, key, fingerprint, "withdraw", event_id, item_id, existing["latest_version"], now)
             return event_id, existing["latest_version"], False
 
-        eid, version, replayed = await self.committer.run(unit)
-        return await self._deliver_event("withdraw", eid, item_id, version, replayed, None)
+        eid, version, replayed, rows = await self.committer.run(_with_outbox(unit))
+        return await self._deliver_event("withdraw", eid, item_id, version, replayed, rows, None)
 
     def _stage(self, conn: sqlite3.Connection, event_id: str, schema: str, records: dict[str, dict[str, Any]],
                case_id: str, disclosures: list[str]) -> None:  # fmt: skip
@@ -256,8 +259,7 @@ class EvidencePublisher:
             "item_id": item_id, "version": version, "created_at": now.isoformat()})  # fmt: skip
 
     async def _deliver_event(self, operation: str, event_id: str, item_id: str, version: int, replayed: bool,
-                             content: ContentInfo | None) -> PublishResult:  # fmt: skip
-        rows = await self.committer.run(lambda conn: state.outbox(conn, event_id))
+                             rows: list[state.OutboxRow], content: ContentInfo | None) -> PublishResult:  # fmt: skip
         self._in_flight.add(event_id)
         try:
             deliveries = await self._deliver(rows)
@@ -273,7 +275,12 @@ class EvidencePublisher:
             if row.offset is not None:
                 return Delivery(row.jurisdiction, row.topic, row.sequence, row.partition, row.offset)
             try:
-                meta = await (await self.producer.send(row.topic, row.envelope, key=row.kafka_key))
+                # One caller at a time enqueues: when a batch is full aiokafka parks the sender until it drains,
+                # and wakes every parked sender at once — with hundreds of concurrent publishes that herd cost
+                # more than the publishing (measured 864/s with 2,048 in flight vs 1,923/s with 256).
+                async with self._enqueue:
+                    acknowledged = await self.producer.send(row.topic, row.envelope, key=row.kafka_key)
+                meta = await acknowledged
             except Exception as exc:  # aiokafka raises KafkaError subclasses and asyncio timeouts
                 log.warning("delivery of %s to %s failed: %r", row.event_id, row.topic, exc)
                 return Delivery(row.jurisdiction, row.topic, row.sequence, None, None, type(exc).__name__)
@@ -283,15 +290,16 @@ class EvidencePublisher:
         fresh = [(r, d) for r, d in zip(rows, deliveries, strict=True) if d.delivered and r.offset is None]
         if fresh:
             at = self.clock().isoformat()
-
-            def mark(conn: sqlite3.Connection) -> None:
-                for r, d in fresh:
-                    assert d.partition is not None
-                    assert d.offset is not None
-                    state.mark_delivered(conn, r.event_id, r.jurisdiction, d.partition, d.offset, at)
-
-            await self.committer.run(mark)
+            self._marks += [(d.partition, d.offset, at, r.event_id, r.jurisdiction) for r, d in fresh]
+            if len(self._marks) == len(fresh):  # the first since the last flush schedules the next one
+                # Not awaited: the answer depends on Kafka's acknowledgement, not on this bookkeeping. Were it
+                # lost, the relay would send the same envelope again, which receivers recognise as a redelivery.
+                self.committer.submit(self._flush_marks)
         return list(deliveries)
+
+    def _flush_marks(self, conn: sqlite3.Connection) -> None:
+        marks, self._marks = self._marks, []
+        state.mark_delivered(conn, marks)
 
     async def deliver_pending(self, limit: int = 1000) -> int:
         """The outbox relay: send what Kafka has not acknowledged yet. Returns how many were delivered now."""
@@ -322,6 +330,18 @@ class EvidencePublisher:
             }  # fmt: skip
 
         return await self.committer.run(read)
+
+
+def _with_outbox(
+    unit: Callable[[sqlite3.Connection], tuple[str, int, bool]],
+) -> Callable[[sqlite3.Connection], tuple[str, int, bool, list[state.OutboxRow]]]:
+    """Read the event's outbox rows in the same unit of work (one trip to the writer thread, not two)."""
+
+    def both(conn: sqlite3.Connection) -> tuple[str, int, bool, list[state.OutboxRow]]:
+        event_id, version, replayed = unit(conn)
+        return event_id, version, replayed, state.outbox(conn, event_id)
+
+    return both
 
 
 def _replay(conn: sqlite3.Connection, key: str, fingerprint: str) -> tuple[str, int, bool] | None:

@@ -191,7 +191,7 @@ async def _own_resources(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await producer.stop()
-        await asyncio.to_thread(committer.close)
+        committer.close()
 
 
 async def _relay_task(app: web.Application) -> AsyncIterator[None]:

@@ -12,10 +12,9 @@ writer thread: one fsync serves a whole group, as the measured costs suggest (11
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -23,6 +22,7 @@ from typing import Any, Final, TypeVar
 from services.shared.errors import StoreUnavailable
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 MAX_GROUP: Final = 512
 
 SCHEMA: Final = """
@@ -122,12 +122,10 @@ def _row(r: sqlite3.Row) -> OutboxRow:
     )  # fmt: skip
 
 
-def mark_delivered(
-    conn: sqlite3.Connection, event_id: str, jurisdiction: str, partition: int, offset: int, at: str
-) -> None:
-    conn.execute(
-        "UPDATE outbox SET partition = ?, offset = ?, delivered_at = ? WHERE event_id = ? AND jurisdiction = ?",
-        (partition, offset, at, event_id, jurisdiction),
+def mark_delivered(conn: sqlite3.Connection, marks: list[tuple[int | None, int | None, str, str, str]]) -> None:
+    """``marks``: (partition, offset, delivered_at, event_id, jurisdiction) per acknowledged envelope."""
+    conn.executemany(
+        "UPDATE outbox SET partition = ?, offset = ?, delivered_at = ? WHERE event_id = ? AND jurisdiction = ?", marks
     )
 
 
@@ -138,43 +136,59 @@ def insert(conn: sqlite3.Connection, table: str, values: dict[str, Any]) -> None
     conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", tuple(values.values()))  # noqa: S608
 
 
-class GroupCommitter:
-    """Runs units of work ``fn(conn) -> T`` on one writer thread, many per transaction.
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("publisher state update failed: %r", future.exception())
 
+
+class GroupCommitter:
+    """Runs units of work ``fn(conn) -> T`` many per transaction, on the event loop's thread.
+
+    Every unit queued during one turn of the event loop joins the same transaction, so one fsync serves them all.
     A unit that raises rolls back its own savepoint only; its caller gets the exception. If the COMMIT fails, every
     caller in the group gets :class:`StoreUnavailable` and nothing of the group is kept.
+
+    Why on the loop's thread: a writer thread contends for the GIL with the busy loop and waits up to the switch
+    interval (5 ms) after every SQLite call releases it — measured at 1.4k events/s against 11k/s for raw Kafka.
+    A group costs the loop one commit (~0.2 ms with fsync on these disks); units are short and CPU-bound.
     """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
-        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]] = []
-        self._cond = threading.Condition()
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._scheduled = False
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="publisher-state", daemon=True)
-        self._thread.start()
         self.groups = 0
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        future: Future[T] = Future()
-        with self._cond:
-            if self._closed:
-                raise StoreUnavailable("publisher state is closed")
-            self._queue.append((fn, future))
-            self._cond.notify()
-        return await asyncio.wrap_future(future)
+        """Run ``fn`` in the next group; returns once that group is committed (durable)."""
+        return await self.submit(fn)
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue and self._closed:
-                    return
-                group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``fn`` for the next group without waiting; failures nobody awaits are logged.
+
+        Raises:
+            StoreUnavailable: the committer is closed.
+        """
+        if self._closed:
+            raise StoreUnavailable("publisher state is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        future.add_done_callback(_log_failure)
+        self._queue.append((fn, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._drain)
+        return future
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        while self._queue:
+            group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
             self._commit_group(group)
 
-    def _commit_group(self, group: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]]) -> None:
-        results: list[tuple[Future[Any], Any, BaseException | None]] = []
+    def _commit_group(self, group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             for i, (fn, future) in enumerate(group):
@@ -197,14 +211,15 @@ class GroupCommitter:
                     future.set_exception(failure)
             return
         for future, value, error in results:
+            if future.done():  # the caller went away (cancelled); the work is committed all the same
+                continue
             if error is not None:
                 future.set_exception(error)
             else:
                 future.set_result(value)
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join()
+        """Commit whatever is still queued, then close the database."""
+        self._closed = True
+        self._drain()
         self._conn.close()

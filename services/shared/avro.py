@@ -118,7 +118,9 @@ def _check_safe(schema: Any) -> None:
 def _parse(name: str, schema: Any) -> Any:
     """Raises: ConfigurationError if ``schema`` is not a valid Avro schema or is unsafe (see ``_check_safe``)."""
     try:
-        parsed = fastavro.parse_schema(schema, _write_hint=False)
+        # The write hint marks the dict as parsed: without it fastavro parses the schema again on every call
+        # (measured: 55 → 27 µs to write an evidence event, 48 → 22 µs to read one).
+        parsed = fastavro.parse_schema(schema)
     except (fastavro.schema.SchemaParseException, ValueError, TypeError, KeyError) as exc:
         raise ConfigurationError(f"schema {name} is not a valid Avro schema: {exc}") from exc
     _check_safe(parsed)
@@ -202,7 +204,9 @@ class AvroCodec:
         reader = self._current[expect][0]
         body = io.BytesIO(data[HEADER_LEN:])
         try:
-            record = fastavro.schemaless_reader(body, writer.parsed, reader)
+            # Same schema on both sides: skip resolution (it costs as much as the decoding itself).
+            same = bytes(data[2:HEADER_LEN]) == self._current[expect][1]
+            record = fastavro.schemaless_reader(body, writer.parsed, None if same else reader)
         except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError, IndexError, …
             raise DecodeError(f"malformed {expect} record") from exc
         if body.tell() != len(data) - HEADER_LEN:

@@ -100,8 +100,12 @@ def free_port() -> int:
 
 
 def new_cluster_id() -> str:
-    """22 characters of base64url over 16 random bytes, the form KRaft expects."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode("ascii")
+    """22 characters of base64url over 16 random bytes, the form KRaft expects. Never starting with ``-``: the
+    storage tool's argument parser would take such an id for an option (1 start in 64 failed that way)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode("ascii")
+        if not cid.startswith("-"):
+            return cid
 
 
 def server_properties(*, broker_port: int, controller_port: int, log_dir: Path) -> dict[str, str]:

@@ -1,0 +1,222 @@
+"""The hub's own scenarios, each measured against a baseline from the same run on the same broker.
+
+Owns:
+- ``hub-publish-library``: signed evidence events through ``EvidencePublisher`` (validated metadata → Avro →
+  Ed25519 → SQLite outbox with group commit → Kafka acks=all, idempotent), ratio against raw aiokafka producing
+  records of the same size (``aiokafka-produce``);
+- ``hub-publish-http``: the same through the publisher's HTTP API over mutual TLS, a multipart upload (metadata and
+  a small file) per event, 32 clients at once; server and clients share this process and its event loop;
+- ``policy-decide-hit`` / ``policy-decide-miss``: Cedar decisions on a cache hit and on a miss (pre-parsed policy
+  handles), against ``policy-parse-every-call`` — what deciding costs when the policy text is parsed per call.
+
+Each publish is one item to one jurisdiction, so one event is one Kafka record, as in the baseline. The evidence
+files are stored before the timed region: the content store is not on the event path being compared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import tempfile
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+
+from bench.harness import Context, scenario
+from services.cli.samples import png
+from services.policy.engine import PolicyEngine, PolicyStore
+from services.policy.model import READ_ITEM, ItemAttributes
+from services.policy.pack import load_pack
+from services.policy.version import sign, trusted_keys
+from services.publisher import state
+from services.publisher.core import EvidenceMetadata, parse_metadata
+from services.publisher.pipeline import ContentInfo, EvidencePublisher
+from services.publisher.service import create_app
+from services.publisher.settings import PublisherSettings
+from services.shared.avro import AvroCodec
+from services.shared.content import LocalContentStore
+from services.shared.kafka import TopicSpec, ensure_topics, evidence_topic, make_producer
+from services.shared.keys import SigningKey
+from services.shared.registry import KeyRegistry, issue
+from services.shared.tls import client_context, create_dev_pki, server_context
+
+IN_FLIGHT: Final = 512
+HTTP_CLIENTS: Final = 32
+POLICY_PACK: Final = Path(__file__).resolve().parents[1] / "policies"
+
+
+def _metadata(item: str, jurisdiction: str, n: int) -> EvidenceMetadata:
+    """About 1.3 KB of metadata per event once encoded: what a photograph with custody and two protected values is."""
+    return parse_metadata({
+        "item_id": item, "case_ids": [f"CASE-SY-{n % 64:03d}"], "jurisdictions": [jurisdiction], "kind": "PHOTOGRAPH",
+        "title": f"Detention facility photograph {n}", "description": "Photograph from a handed-over collection. " * 4,
+        "captured_at": "2013-03-02T09:15:00Z", "device": "camera-A", "collector_pseudonym": "collector-7",
+        "region": "governorate (coarse)", "classification": "CONFIDENTIAL", "sensitivity": ["GRAPHIC"],
+        "custody": [{"at": "2014-01-15T12:00:00Z", "actor": "archive", "action": "ingested and hashed"},
+                    {"at": "2015-02-01T08:00:00Z", "actor": "archive", "action": "copied to cold storage"}],
+        "sharing": {"purposes": ["prosecution"]},
+        "protected": [{"field": "victim.identity", "label": "VICTIM_IDENTIFYING", "value": f"detainee {n}"},
+                      {"field": "location.exact", "label": "LOCATION_EXACT", "value": "33.51N 36.27E"}],
+    })  # fmt: skip
+
+
+async def _publisher_setup(ctx: Context) -> None:
+    """Keys, registry, a fresh jurisdiction topic, SQLite state and a started producer, kept in ``ctx.state``."""
+    jurisdiction = f"BN-{uuid.uuid4().hex[:6].upper()}"
+    await ensure_topics(ctx.bootstrap, [TopicSpec(evidence_topic(jurisdiction), 3)])
+    codec, anchor, signer = AvroCodec.load(), SigningKey.generate(), SigningKey.generate()
+    registry = KeyRegistry(codec, anchors=[anchor.public])
+    registry.apply(issue(codec, anchor, public_key=signer.public, organisation="bench",
+                         not_before=datetime.now(UTC) - timedelta(days=1)))  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="evhub-bench-"))
+    producer = make_producer(ctx.bootstrap, client_id="bench-hub")
+    await producer.start()
+    committer = state.GroupCommitter(state.connect(work / "publisher.sqlite3"))
+    ctx.state.update(
+        jurisdiction=jurisdiction, producer=producer, committer=committer, work=work, round=0,
+        publisher=EvidencePublisher(codec=codec, signer=signer, producer=producer, committer=committer,
+                                    organisation="bench", jurisdictions=[jurisdiction], registry=registry),
+        content=ContentInfo(sha256="ab" * 32, size=48_213, media_type="image/jpeg", file_name="photo.jpg"),
+    )  # fmt: skip
+
+
+async def _publisher_teardown(ctx: Context) -> None:
+    await ctx.state["producer"].stop()
+    ctx.state["committer"].close()
+    await _delete_topic(ctx, evidence_topic(ctx.state["jurisdiction"]))
+
+
+async def _delete_topic(ctx: Context, topic: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=ctx.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+    finally:
+        await admin.close()
+
+
+def _next_batch(ctx: Context) -> list[EvidenceMetadata]:
+    ctx.state["round"] += 1
+    r, j = ctx.state["round"], ctx.state["jurisdiction"]
+    return [_metadata(f"BENCH-{r}-{i}", j, i) for i in range(ctx.events)]
+
+
+@scenario(name="hub-publish-library", baseline="aiokafka-produce", events=20_000, quick_events=500,
+          setup=_publisher_setup, teardown=_publisher_teardown)  # fmt: skip
+async def hub_publish_library(ctx: Context) -> int:
+    """Signed evidence events through EvidencePublisher (validation, Avro, Ed25519, SQLite outbox, acks=all)."""
+    publisher: EvidencePublisher = ctx.state["publisher"]
+    content: ContentInfo = ctx.state["content"]
+    batch = _next_batch(ctx)  # metadata validation happens at the HTTP edge; not part of the library path
+    window = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(meta: EvidenceMetadata) -> None:
+        async with window:
+            await publisher.publish(meta, content)
+
+    with ctx.timed():
+        await asyncio.gather(*(one(m) for m in batch))
+    return len(batch)
+
+
+async def _http_setup(ctx: Context) -> None:
+    await _publisher_setup(ctx)
+    work: Path = ctx.state["work"]
+    pki = create_dev_pki(work / "pki", ["publisher", "archivist"])
+    settings = PublisherSettings(
+        tls_cert=pki["publisher"].cert, tls_key=pki["publisher"].key, tls_ca=pki["publisher"].ca,
+        allowed_clients=["archivist"], jurisdictions=[ctx.state["jurisdiction"]], data_dir=work,
+    )  # fmt: skip
+    app = create_app(settings, publisher=ctx.state["publisher"], store=LocalContentStore(work / "content"))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(pki["publisher"])).start()
+    ctx.state.update(runner=runner, url=f"https://127.0.0.1:{runner.addresses[0][1]}/v1/evidence",
+                     client_ssl=client_context(pki["archivist"]), file=png(64, 48))  # fmt: skip
+
+
+async def _http_teardown(ctx: Context) -> None:
+    await ctx.state["runner"].cleanup()
+    await _publisher_teardown(ctx)
+
+
+@scenario(name="hub-publish-http", baseline="aiokafka-produce", events=3_000, quick_events=100,
+          setup=_http_setup, teardown=_http_teardown)  # fmt: skip
+async def hub_publish_http(ctx: Context) -> int:
+    """Signed evidence events through the HTTP API: mTLS, multipart upload, content store, then the library path."""
+    batch = _next_batch(ctx)
+    texts = [m.model_dump_json(exclude_none=True) for m in batch]
+    ctx_ssl: ssl.SSLContext = ctx.state["client_ssl"]
+    connector = aiohttp.TCPConnector(ssl=ctx_ssl, limit=HTTP_CLIENTS)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        window = asyncio.Semaphore(HTTP_CLIENTS)
+
+        async def one(text: str, n: int) -> None:
+            form = aiohttp.FormData()
+            form.add_field("metadata", text, content_type="application/json")
+            form.add_field("file", ctx.state["file"] + n.to_bytes(4, "big"), filename="photo.png")
+            async with window, session.post(ctx.state["url"], data=form) as response:
+                if response.status != 201:
+                    raise RuntimeError(f"publish failed: {response.status} {await response.text()}")
+
+        with ctx.timed():
+            await asyncio.gather(*(one(t, i) for i, t in enumerate(texts)))
+    return len(texts)
+
+
+def _policy_engine() -> tuple[PolicyEngine, list[ItemAttributes]]:
+    admin = SigningKey.generate()
+    pack = load_pack(POLICY_PACK)
+    store = PolicyStore(trusted=trusted_keys([admin.public]))
+    store.accept(sign(pack.version(author="bench", effective_from=datetime(2020, 1, 1, tzinfo=UTC)), admin))
+    items = [
+        ItemAttributes(item_id=f"i{n}", jurisdictions=("DE", "FR"), case_ids=("CASE-SY-001",),
+                       classification=("RESTRICTED", "CONFIDENTIAL", "SECRET")[n % 3],
+                       sensitivity=("GRAPHIC",), consent_purposes=("prosecution",),
+                       protected_fields=("WITNESS_IDENTIFYING", "LOCATION_EXACT"))
+        for n in range(3)
+    ]  # fmt: skip
+    return PolicyEngine(store), items
+
+
+async def _policy_setup(ctx: Context) -> None:
+    engine, items = _policy_engine()
+    ctx.state.update(engine=engine, items=items, at=datetime(2026, 6, 1, tzinfo=UTC))
+
+
+def _decide_loop(ctx: Context, decide: Any) -> int:
+    items, at = ctx.state["items"], ctx.state["at"]
+    offices = ("DE-GBA-WCU", "FR-PNAT")
+    with ctx.timed():
+        for n in range(ctx.events):
+            decide(offices[n & 1], READ_ITEM, items[n % 3], at, "prosecution")
+    return ctx.events
+
+
+@scenario(name="policy-parse-every-call", unit="µs/op", events=200, quick_events=20, setup=_policy_setup)
+async def policy_parse_every_call(ctx: Context) -> int:
+    """A Cedar decision that parses the policy text, schema and entities on every call (the naive way)."""
+    return _decide_loop(ctx, ctx.state["engine"].decide_parse_every_call)
+
+
+@scenario(name="policy-decide-miss", unit="µs/op", baseline="policy-parse-every-call", events=2_000,
+          quick_events=100, setup=_policy_setup)  # fmt: skip
+async def policy_decide_miss(ctx: Context) -> int:
+    """A decision on a cache miss: pre-parsed policy set and office entities, the item added per call."""
+    return _decide_loop(ctx, ctx.state["engine"].decide_uncached)
+
+
+@scenario(name="policy-decide-hit", unit="µs/op", baseline="policy-parse-every-call", events=200_000,
+          quick_events=5_000, setup=_policy_setup)  # fmt: skip
+async def policy_decide_hit(ctx: Context) -> int:
+    """A decision on a cache hit (same office, action, item attributes, version and second)."""
+    engine: PolicyEngine = ctx.state["engine"]
+    engine.decide("DE-GBA-WCU", READ_ITEM, ctx.state["items"][0], ctx.state["at"], "prosecution")  # prime
+    return _decide_loop(ctx, engine.decide)
+
