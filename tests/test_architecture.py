@@ -60,11 +60,23 @@ def test_importing_every_service_does_no_io_at_import_time() -> None:
     assert run.stdout.strip() == "ok", run.stderr
 
 
-def test_a_misconfigured_publisher_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("module", "env", "message"),
+    [
+        ("services.publisher", {}, "TLS is required"),
+        ("services.publisher", {"EVHUB_PUBLISHER_UNSAFE_PLAINTEXT": "true"}, "EVHUB_KAFKA_BOOTSTRAP is required"),
+        ("services.policy", {}, "EVHUB_KAFKA_BOOTSTRAP is required"),
+        ("services.policy", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "TLS is required"),
+    ],
+    ids=["publisher-no-tls", "publisher-no-kafka", "policy-no-kafka", "policy-no-tls"],
+)
+def test_a_misconfigured_service_exits_non_zero_with_one_clear_line(
+    tmp_path: Path, module: str, env: dict[str, str], message: str
+) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "services.publisher"], capture_output=True, text=True, cwd=tmp_path, check=False,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        [sys.executable, "-m", module], capture_output=True, text=True, cwd=tmp_path, check=False, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **env},
     )  # fmt: skip
     assert run.returncode != 0
-    assert "TLS is required" in run.stderr
+    assert message in run.stderr
     assert "Traceback" not in run.stderr

@@ -4,28 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 
 from aiohttp import web
 
 from services.policy.service import create_app
 from services.policy.settings import PolicySettings
-from services.shared.cluster import akafka_cluster
-from services.shared.errors import EvidenceHubError
+from services.shared.errors import ConfigurationError, EvidenceHubError
+from services.shared.tls import server_context
 
 
 async def serve(settings: PolicySettings) -> None:
-    async with akafka_cluster(settings.kafka) as target:
-        runner = web.AppRunner(create_app(settings, bootstrap=target.bootstrap))
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, settings.host, settings.port).start()
-            logging.getLogger("services.policy").info(
-                "policy service on http://%s:%d (Kafka %s)", settings.host, settings.port, target.bootstrap
-            )
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
+    """Serve until SIGTERM or SIGINT, then shut down cleanly (consumer and producer closed).
+
+    Raises:
+        ConfigurationError: no Kafka cluster or no TLS files configured.
+    """
+    bootstrap = settings.kafka.bootstrap
+    if not bootstrap:
+        raise ConfigurationError("EVHUB_KAFKA_BOOTSTRAP is required: the policy service reads hub.policy from it")
+    files = settings.tls_files()
+    runner = web.AppRunner(create_app(settings, bootstrap=bootstrap))
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        ssl_context = None if files is None else server_context(files)
+        await web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context).start()
+        logging.getLogger("services.policy").info(
+            "policy service on %s://%s:%d (Kafka %s)", "http" if files is None else "https", settings.host,
+            settings.port, bootstrap,
+        )  # fmt: skip
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def main() -> int:

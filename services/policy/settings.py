@@ -10,10 +10,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from services.shared.errors import ConfigurationError, EvidenceHubError
 from services.shared.kafka import POLICY_TOPIC
 from services.shared.keys import PublicKey
-from services.shared.settings import KafkaSettings
+from services.shared.settings import KafkaSettings, ServerTLS
 
 
-class PolicySettings(BaseSettings):
+class PolicySettings(ServerTLS, BaseSettings):
     """``EVHUB_POLICY_ADMIN_KEYS='["/etc/evhub/policy-admin.pub.pem"]'`` names the trusted policy-admin public
     keys (PEM files). Without at least one, the service refuses to start: it could accept no version at all."""
 

@@ -30,7 +30,7 @@ from services.publisher.pipeline import ContentInfo, EvidencePublisher
 from services.publisher.settings import PublisherSettings
 from services.shared.avro import AvroCodec
 from services.shared.content import ContentStore, LocalContentStore
-from services.shared.errors import Forbidden, PayloadTooLarge, ValidationFailed
+from services.shared.errors import ConfigurationError, Forbidden, PayloadTooLarge, ValidationFailed
 from services.shared.http import peer_common_name, problem_middleware
 from services.shared.kafka import KEYS_TOPIC, ensure_topics, hub_topics, make_producer, read_to_end
 from services.shared.media import sniff
@@ -172,7 +172,7 @@ async def _own_resources(app: web.Application) -> AsyncIterator[None]:
         return
     bootstrap = settings.kafka.bootstrap
     if not bootstrap:
-        raise ValidationFailed("EVHUB_KAFKA_BOOTSTRAP is required to run the publisher")
+        raise ConfigurationError("EVHUB_KAFKA_BOOTSTRAP is required to run the publisher")
     codec, signer = AvroCodec.load(), settings.signing_key()
     topics = hub_topics(settings.jurisdictions, min_insync_replicas=settings.kafka.min_insync_replicas)
     await ensure_topics(bootstrap, topics, replication_factor=settings.kafka.replication_factor)

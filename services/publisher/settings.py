@@ -9,11 +9,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.shared.errors import ConfigurationError, EvidenceHubError
 from services.shared.keys import PublicKey, SigningKey
-from services.shared.settings import KafkaSettings
+from services.shared.settings import KafkaSettings, ServerTLS
 from services.shared.tls import CertFiles
 
 
-class PublisherSettings(BaseSettings):
+class PublisherSettings(ServerTLS, BaseSettings):
     """Documentation-group clients authenticate with client certificates (mTLS): the key never leaves their
     machine, nothing bearer-like can be replayed from a log, and the same PKI already protects hub ↔ broker
     traffic. Only certificate CNs in ``allowed_clients`` may publish."""
@@ -29,23 +29,16 @@ class PublisherSettings(BaseSettings):
     jurisdictions: list[str] = Field(default_factory=lambda: ["DE", "FR", "SE"])
     max_file_bytes: int = Field(default=16 << 30, ge=1)
     max_metadata_bytes: int = Field(default=256 << 10, ge=1024)
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
     allowed_clients: list[str] = Field(default_factory=list)
-    unsafe_plaintext: bool = Field(default=False, description="serve HTTP without TLS; for local experiments only")
     relay_interval_s: float = Field(default=5.0, gt=0)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 
     def tls_files(self) -> CertFiles | None:
-        """Raises: ConfigurationError without TLS files, unless ``unsafe_plaintext``."""
-        if self.tls_cert and self.tls_key and self.tls_ca:
-            if not self.allowed_clients:
-                raise ConfigurationError("no client CNs allowed to publish (EVHUB_PUBLISHER_ALLOWED_CLIENTS)")
-            return CertFiles(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca)
-        if self.unsafe_plaintext:
-            return None
-        raise ConfigurationError("TLS is required: set EVHUB_PUBLISHER_TLS_CERT, _TLS_KEY and _TLS_CA")
+        """Raises: ConfigurationError without TLS files (unless ``unsafe_plaintext``) or without allowed clients."""
+        files = super().tls_files()
+        if files is not None and not self.allowed_clients:
+            raise ConfigurationError("no client CNs allowed to publish (EVHUB_PUBLISHER_ALLOWED_CLIENTS)")
+        return files
 
     def signing_key(self) -> SigningKey:
         """Raises: ConfigurationError if the key file is missing or not an Ed25519 private key."""

@@ -10,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.shared.errors import ConfigurationError
 from services.shared.local_kafka import default_cache_dir
+from services.shared.tls import CertFiles
 
 
 class KafkaSettings(BaseSettings):
@@ -33,3 +35,22 @@ class KafkaSettings(BaseSettings):
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
     replication_factor: int = Field(default=1, ge=1, le=7, description="for the hub's topics")
     min_insync_replicas: int = Field(default=1, ge=1, le=7, description="for the hub's topics")
+
+
+class ServerTLS(BaseModel):
+    """Mutual TLS for a service's HTTP listener: the files, or an explicitly unsafe plaintext mode.
+
+    Mixed into each service's settings class (which supplies the env prefix)."""
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    unsafe_plaintext: bool = Field(default=False, description="serve HTTP without TLS; local experiments only")
+
+    def tls_files(self) -> CertFiles | None:
+        """Raises: ConfigurationError without all three TLS files, unless ``unsafe_plaintext``."""
+        if self.tls_cert and self.tls_key and self.tls_ca:
+            return CertFiles(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca)
+        if self.unsafe_plaintext:
+            return None
+        raise ConfigurationError("TLS is required: set the service's TLS_CERT, TLS_KEY and TLS_CA")
