@@ -15,6 +15,7 @@ Requests carry ``context.now`` truncated to whole seconds (see ``engine``).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -91,6 +92,9 @@ class CompiledPolicy:
     offices: Mapping[str, Office]
     #: Cedar's positional policy id (``policy3``) → the policy's ``@id`` annotation.
     policy_ids: Mapping[str, str]
+    #: Every moment the policy text compares time with (its ``datetime("…")`` literals), or None when the text
+    #: computes with time (durations, offsets…), so that decisions can only be cached to the second.
+    time_thresholds: tuple[datetime, ...] | None = None
 
     @property
     def effective_from(self) -> datetime:
@@ -161,6 +165,28 @@ def diagnose(policy_text: str, schema_text: str, offices: tuple[Office, ...]) ->
     return problems
 
 
+_DATETIME_LITERAL = re.compile(r'datetime\(\s*"([^"]+)"\s*\)')
+_TIME_ARITHMETIC = ("duration", "offset", "toDate", "toTime", "toDays", "toHours", "toMinutes", "toSeconds",
+                    "toMilliseconds")  # fmt: skip
+
+
+def time_thresholds(policy_text: str) -> tuple[datetime, ...] | None:
+    """The moments at which a decision under this text can change, as far as the text alone decides time.
+
+    Pure comparisons of ``context.now`` with literals and with item attributes (the embargo) only change their
+    outcome at those moments; arithmetic on time could change it at any moment, so it returns None.
+    """
+    if any(word in policy_text for word in _TIME_ARITHMETIC):
+        return None
+    moments = []
+    for literal in _DATETIME_LITERAL.findall(policy_text):
+        try:
+            moments.append(datetime.fromisoformat(literal.replace("Z", "+00:00")))
+        except ValueError:
+            return None
+    return tuple(sorted(m if m.tzinfo else m.replace(tzinfo=UTC) for m in moments))
+
+
 def compile_version(version: PolicyVersion) -> CompiledPolicy:
     """Parse and validate once; the returned handles are reused for every decision under this version.
 
@@ -179,6 +205,7 @@ def compile_version(version: PolicyVersion) -> CompiledPolicy:
         policies=cedarpy.PolicySet.from_str(version.policy_text), schema=schema,
         entities=cedarpy.Entities.from_json_str(json.dumps([office_entity(o) for o in version.offices]), schema),
         offices={o.office_id: o for o in version.offices}, policy_ids=ids,
+        time_thresholds=time_thresholds(version.policy_text),
     )  # fmt: skip
 
 

@@ -137,6 +137,22 @@ def _second(at: datetime) -> datetime:
     return at.replace(microsecond=0)
 
 
+def _side(now: datetime, moment: datetime) -> int:
+    return (now > moment) - (now < moment)
+
+
+def _time_key(compiled: CompiledPolicy | None, item: Resource, now: datetime) -> object:
+    """What of ``now`` a decision can depend on. Under a version that only compares time with fixed moments (its
+    literals and the item's embargo), that is which side of each moment ``now`` is on — so one cached decision
+    serves every read until the next moment passes. Otherwise (or with no version) the second itself."""
+    if compiled is None or compiled.time_thresholds is None:
+        return now
+    moments = compiled.time_thresholds
+    if isinstance(item, ItemAttributes) and item.embargo_until is not None:
+        moments = (*moments, item.embargo_until)
+    return tuple(_side(now, m) for m in moments)
+
+
 class PolicyEngine:
     """Decisions under the version in force. ``decide`` caches; the other two variants exist for comparison."""
 
@@ -153,7 +169,8 @@ class PolicyEngine:
         now = _second(at)
         compiled = self.store.in_force(now)
         key_item = item.policy_key() if isinstance(item, ItemAttributes) else ("feed", item.jurisdiction)
-        key = (None if compiled is None else compiled.content_hash, office_id, action, key_item, purpose, now)
+        key = (None if compiled is None else compiled.content_hash, office_id, action, key_item, purpose,
+               _time_key(compiled, item, now))  # fmt: skip
         cached = self._cache.get(key)
         if cached is not None:
             self._hits += 1

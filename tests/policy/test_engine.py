@@ -32,7 +32,7 @@ CHANGES = {
     "office": ("FR-PNAT", "ReadItem", _item(), AT, None),
     "action": ("DE-GBA-WCU", "ReadContent", _item(), AT, None),
     "purpose": ("DE-GBA-WCU", "ReadItem", _item(), AT, "prosecution"),
-    "next second": ("DE-GBA-WCU", "ReadItem", _item(), AT + timedelta(seconds=1), None),
+    "an embargo": ("DE-GBA-WCU", "ReadItem", _item(embargo_until=AT + timedelta(days=1)), AT, None),
     "withdrawn": ("DE-GBA-WCU", "ReadItem", _item(withdrawn=True), AT, None),
     "case": ("DE-GBA-WCU", "ReadItem", _item(case_ids=("CASE-SY-002",)), AT, None),
 }
@@ -47,10 +47,42 @@ def test_anything_policy_relevant_misses_the_cache(
     assert engine.cache_info().misses == 2
 
 
+def test_one_cached_decision_serves_until_the_next_moment_that_can_change_it(engine: PolicyEngine) -> None:
+    ends = AT.replace(microsecond=0) + timedelta(hours=1)
+    embargoed = _item(embargo_until=ends)
+    before = [engine.decide("DE-GBA-WCU", "ReadItem", embargoed, AT + timedelta(minutes=m)) for m in range(0, 60, 7)]
+    after = [engine.decide("DE-GBA-WCU", "ReadItem", embargoed, AT + timedelta(hours=1, minutes=m))
+             for m in range(1, 60, 7)]  # fmt: skip
+    assert {d.allowed for d in before} == {False}
+    assert {d.determining_policies for d in before} == {("embargo",)}
+    assert {d.allowed for d in after} == {True}
+    at_the_moment = engine.decide("DE-GBA-WCU", "ReadItem", embargoed, ends)
+    assert at_the_moment.allowed, "the embargo ends at that second (the pack: context.now < embargo_until)"
+    assert engine.cache_info().misses == 3, "before, at, after the embargo: one evaluation each"
+    assert engine.decide_uncached("DE-GBA-WCU", "ReadItem", embargoed, AT + timedelta(minutes=59)) == before[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('permit(principal, action, resource) when { context.now < datetime("2027-01-01T00:00:00Z") };',
+         (datetime(2027, 1, 1, tzinfo=UTC),)),
+        ("permit(principal, action, resource) when { context.now < resource.embargo_until };", ()),
+        ('permit(principal, action, resource) when { context.now < resource.embargo_until.offset(duration("1d")) };',
+         None),
+    ],
+    ids=["literal", "attribute-only", "arithmetic-falls-back-to-seconds"],
+)
+def test_time_thresholds_are_read_from_the_policy_text(text: str, expected: tuple[datetime, ...] | None) -> None:
+    from services.policy.compiled import time_thresholds
+
+    assert time_thresholds(text) == expected
+
+
 def test_cache_is_bounded(store: PolicyStore) -> None:
     engine = PolicyEngine(store, cache_size=3)
     for n in range(5):
-        engine.decide("DE-GBA-WCU", "ReadItem", _item(), AT + timedelta(seconds=n))
+        engine.decide("DE-GBA-WCU", "ReadItem", _item(case_ids=(f"CASE-SY-00{n}",)), AT)
     assert engine.cache_info().size == 3
     engine.clear_cache()
     assert engine.cache_info().size == 0
