@@ -91,7 +91,7 @@ def _ratio_cell(row: Row) -> str:
     if row.baseline is None:
         return "1 (baseline)"
     direction = "higher is better" if higher_is_better(row.unit) else "lower is better"
-    return f"**{row.ratio:.2f}x** {row.baseline} ({direction})"
+    return f"**{row.ratio:.3g}x** {row.baseline} ({direction})"
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
