@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -9,13 +10,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from services.publisher import state
 from services.publisher.pipeline import EvidencePublisher
 from services.shared.avro import AvroCodec
 from services.shared.cluster import KafkaTarget
 from services.shared.content import LocalContentStore
-from services.shared.kafka import ensure_topics, evidence_topic, hub_topics, make_producer
+from services.shared.errors import KafkaUnavailable
+from services.shared.kafka import ensure_topics, evidence_topic, hub_topics, make_producer, partitions_of
 from services.shared.keys import SigningKey
 from services.shared.registry import KeyRegistry, issue
 
@@ -68,3 +71,20 @@ async def stack(kafka: KafkaTarget, tmp_path: Path, codec: AvroCodec) -> AsyncIt
     finally:
         await producer.stop()
         committer.close()
+
+
+async def delete_topic(bootstrap: str, topic: str) -> None:
+    """Delete a topic and wait until the cluster no longer knows it (deletion is asynchronous)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+    finally:
+        await admin.close()
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                await partitions_of(bootstrap, topic)
+            except KafkaUnavailable:
+                return
+            await asyncio.sleep(0.2)

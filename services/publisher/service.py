@@ -30,7 +30,7 @@ from services.publisher.pipeline import ContentInfo, EvidencePublisher
 from services.publisher.settings import PublisherSettings
 from services.shared.avro import AvroCodec
 from services.shared.content import ContentStore, LocalContentStore
-from services.shared.errors import ConfigurationError, Forbidden, PayloadTooLarge, ValidationFailed
+from services.shared.errors import ConfigurationError, Forbidden, KafkaUnavailable, PayloadTooLarge, ValidationFailed
 from services.shared.http import peer_common_name, problem_middleware
 from services.shared.kafka import KEYS_TOPIC, ensure_topics, hub_topics, make_producer, read_to_end
 from services.shared.media import sniff
@@ -154,14 +154,26 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _load_registry(codec: AvroCodec, settings: PublisherSettings, bootstrap: str) -> KeyRegistry:
+    registry = KeyRegistry(codec, anchors=settings.trust_anchors())
+    registry.apply_all(r.value for r in await read_to_end(bootstrap, KEYS_TOPIC) if r.value is not None)
+    return registry
+
+
 async def _relay(app: web.Application) -> None:
-    """Deliver whatever the outbox still holds; a crash here stops the service loudly (see create_app)."""
-    publisher, interval = app[PUBLISHER], app[SETTINGS].relay_interval_s
+    """Every few seconds: deliver whatever the outbox still holds, and re-read ``hub.keys`` so that a revocation
+    stops this publisher from signing within one interval. A crash here stops the service loudly (create_app)."""
+    publisher, settings = app[PUBLISHER], app[SETTINGS]
     while True:
         delivered = await publisher.deliver_pending()
         if delivered:
             log.info("outbox relay delivered %d envelopes", delivered)
-        await asyncio.sleep(interval)
+        if publisher.registry is not None and settings.kafka.bootstrap:
+            try:
+                publisher.registry = await _load_registry(publisher.codec, settings, settings.kafka.bootstrap)
+            except KafkaUnavailable as exc:  # keep the registry we have; Kafka may be back next time
+                log.warning("could not refresh the key registry: %s", exc.detail)
+        await asyncio.sleep(settings.relay_interval_s)
 
 
 async def _own_resources(app: web.Application) -> AsyncIterator[None]:
@@ -176,8 +188,7 @@ async def _own_resources(app: web.Application) -> AsyncIterator[None]:
     codec, signer = AvroCodec.load(), settings.signing_key()
     topics = hub_topics(settings.jurisdictions, min_insync_replicas=settings.kafka.min_insync_replicas)
     await ensure_topics(bootstrap, topics, replication_factor=settings.kafka.replication_factor)
-    registry = KeyRegistry(codec, anchors=settings.trust_anchors())
-    registry.apply_all(r.value for r in await read_to_end(bootstrap, KEYS_TOPIC) if r.value is not None)
+    registry = await _load_registry(codec, settings, bootstrap)
     producer = make_producer(bootstrap, client_id="evhub-publisher")
     await producer.start()
     committer = state.GroupCommitter(state.connect(settings.data_dir / "publisher.sqlite3"))

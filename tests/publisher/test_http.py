@@ -15,10 +15,10 @@ from aiohttp import web
 
 from services.publisher.service import create_app
 from services.publisher.settings import PublisherSettings
-from services.shared.kafka import read_to_end
+from services.shared.kafka import TopicSpec, ensure_topics, read_to_end
 from services.shared.tls import CertFiles, client_context, create_dev_pki, server_context
 from tests.publisher.samples import metadata, png
-from tests.publishing_stack import Stack
+from tests.publishing_stack import Stack, delete_topic
 
 pytestmark = pytest.mark.kafka
 MAX_FILE = 64 * 1024
@@ -173,3 +173,27 @@ async def test_withdrawal_needs_a_reason_and_unknown_items_are_404(api: Api) -> 
             assert (await r.json(content_type=None))["title"] == "Not found"
         async with s.get(f"{api.url}/v1/evidence/SDG-NONE") as r:
             assert r.status == 404
+
+
+async def test_kafka_not_acknowledging_a_jurisdiction_is_a_503_naming_it_and_a_retry_completes(api: Api) -> None:
+    missing = api.stack.jurisdictions[1]
+    await delete_topic(api.stack.bootstrap, api.stack.topic(missing))
+    meta = metadata("SDG-HTTP-503", api.stack.jurisdictions)
+    async with api.session() as s:
+        async with s.post(f"{api.url}/v1/evidence", data=form(meta, png(seed=5)),
+                          headers={"Idempotency-Key": "k-503"}) as r:  # fmt: skip
+            body = await r.json(content_type=None)
+            assert r.status == 503
+            assert r.content_type == "application/problem+json"
+            assert r.headers["Retry-After"]
+        assert missing in body["detail"]
+        assert [d["jurisdiction"] for d in body["deliveries"] if not d["delivered"]] == [missing]
+        await ensure_topics(api.stack.bootstrap, [TopicSpec(api.stack.topic(missing), 3)])
+        async with s.post(f"{api.url}/v1/evidence", data=form(meta, png(seed=5)),
+                          headers={"Idempotency-Key": "k-503"}) as r:  # fmt: skip
+            again = await r.json()
+            assert r.status == 200
+        assert again["complete"] is True
+        assert again["event_id"] == body["event_id"]
+    for j in api.stack.jurisdictions:
+        assert len(await read_to_end(api.stack.bootstrap, api.stack.topic(j))) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -11,7 +10,6 @@ from typing import Any
 import avro.io
 import avro.schema
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from services.publisher.core import parse_metadata
@@ -19,12 +17,12 @@ from services.publisher.pipeline import ContentInfo, PartialDelivery, PublishRes
 from services.shared import disclosure
 from services.shared.avro import SCHEMA_DIR
 from services.shared.envelope import SequenceTracker, open_envelope, pae
-from services.shared.errors import Conflict, KafkaUnavailable, NotFound, UntrustedKey, ValidationFailed
-from services.shared.kafka import TopicSpec, ensure_topics, partitions_of, read_to_end
+from services.shared.errors import Conflict, NotFound, UntrustedKey, ValidationFailed
+from services.shared.kafka import TopicSpec, ensure_topics, read_to_end
 from services.shared.media import sniff
 from services.shared.registry import issue
 from tests.publisher.samples import metadata, png
-from tests.publishing_stack import Stack
+from tests.publishing_stack import Stack, delete_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -125,28 +123,11 @@ async def test_unknown_jurisdiction_is_refused_before_anything_is_written(stack:
     assert await read_to_end(stack.bootstrap, stack.topic(stack.jurisdictions[0])) == []
 
 
-async def _delete_topic(bootstrap: str, topic: str) -> None:
-    """Delete a topic and wait until the cluster no longer knows it (deletion is asynchronous)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics([topic])
-    finally:
-        await admin.close()
-    async with asyncio.timeout(30):
-        while True:
-            try:
-                await partitions_of(bootstrap, topic)
-            except KafkaUnavailable:
-                return
-            await asyncio.sleep(0.2)
-
-
 async def test_partial_delivery_says_which_jurisdictions_failed_and_a_retry_completes_without_duplicates(
     stack: Stack,
 ) -> None:
     missing = stack.topic(stack.jurisdictions[2])
-    await _delete_topic(stack.bootstrap, missing)
+    await delete_topic(stack.bootstrap, missing)
     with pytest.raises(PartialDelivery) as caught:
         await _publish(stack, "SDG-VIDEO-9", png(seed=9), idempotency_key="video-9")
     failed = [d.jurisdiction for d in caught.value.result.deliveries if not d.delivered]
@@ -164,7 +145,7 @@ async def test_partial_delivery_says_which_jurisdictions_failed_and_a_retry_comp
 
 async def test_outbox_relay_delivers_what_a_failed_request_left_behind(stack: Stack) -> None:
     missing = stack.topic(stack.jurisdictions[0])
-    await _delete_topic(stack.bootstrap, missing)
+    await delete_topic(stack.bootstrap, missing)
     with pytest.raises(PartialDelivery):
         await _publish(stack, "SDG-AUDIO-1", png(seed=5))
     await ensure_topics(stack.bootstrap, [TopicSpec(missing, 3)])
