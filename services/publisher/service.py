@@ -44,6 +44,7 @@ STORE = web.AppKey("store", ContentStore)
 Authenticator = Callable[[web.Request], str]
 AUTHENTICATE: web.AppKey[Authenticator] = web.AppKey("authenticate")
 CRASHED = web.AppKey("crashed", list[str])
+OWN_REGISTRY = web.AppKey("own_registry", bool)  # built from settings (and so refreshed), not injected
 CHUNK = 1 << 20
 
 
@@ -168,7 +169,7 @@ async def _relay(app: web.Application) -> None:
         delivered = await publisher.deliver_pending()
         if delivered:
             log.info("outbox relay delivered %d envelopes", delivered)
-        if publisher.registry is not None and settings.kafka.bootstrap:
+        if app[OWN_REGISTRY] and settings.kafka.bootstrap:
             try:
                 publisher.registry = await _load_registry(publisher.codec, settings, settings.kafka.bootstrap)
             except KafkaUnavailable as exc:  # keep the registry we have; Kafka may be back next time
@@ -189,6 +190,7 @@ async def _own_resources(app: web.Application) -> AsyncIterator[None]:
     topics = hub_topics(settings.jurisdictions, min_insync_replicas=settings.kafka.min_insync_replicas)
     await ensure_topics(bootstrap, topics, replication_factor=settings.kafka.replication_factor)
     registry = await _load_registry(codec, settings, bootstrap)
+    app[OWN_REGISTRY] = True
     producer = make_producer(bootstrap, client_id="evhub-publisher")
     await producer.start()
     committer = state.GroupCommitter(state.connect(settings.data_dir / "publisher.sqlite3"))
@@ -230,6 +232,7 @@ def create_app(
     app = web.Application(middlewares=[problem_middleware])
     app[SETTINGS] = settings
     app[CRASHED] = []
+    app[OWN_REGISTRY] = False
     if publisher is not None:
         app[PUBLISHER] = publisher
     if store is not None:
