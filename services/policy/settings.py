@@ -7,10 +7,9 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.shared.errors import ConfigurationError, EvidenceHubError
 from services.shared.kafka import POLICY_TOPIC
 from services.shared.keys import PublicKey
-from services.shared.settings import KafkaSettings, ServerTLS
+from services.shared.settings import KafkaSettings, ServerTLS, read_public_keys
 
 
 class PolicySettings(ServerTLS, BaseSettings):
@@ -29,14 +28,4 @@ class PolicySettings(ServerTLS, BaseSettings):
 
     def load_admin_keys(self) -> list[PublicKey]:
         """Raises: ConfigurationError if none are configured, or one is unreadable, not Ed25519, or weak."""
-        if not self.admin_keys:
-            raise ConfigurationError("no policy-admin keys configured (EVHUB_POLICY_ADMIN_KEYS)")
-        keys = []
-        for path in self.admin_keys:
-            try:
-                keys.append(PublicKey.from_pem(path.read_bytes()))
-            except OSError as exc:
-                raise ConfigurationError(f"cannot read policy-admin key {path}: {exc.strerror}") from exc
-            except EvidenceHubError as exc:
-                raise ConfigurationError(f"policy-admin key {path} refused: {exc.detail}") from exc
-        return keys
+        return read_public_keys(self.admin_keys, what="policy-admin key", env="EVHUB_POLICY_ADMIN_KEYS")

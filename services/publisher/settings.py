@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.shared.errors import ConfigurationError, EvidenceHubError
 from services.shared.keys import PublicKey, SigningKey
-from services.shared.settings import KafkaSettings, ServerTLS
+from services.shared.settings import KafkaSettings, ServerTLS, read_public_keys
 from services.shared.tls import CertFiles
 
 
@@ -53,14 +53,6 @@ class PublisherSettings(ServerTLS, BaseSettings):
 
     def trust_anchors(self) -> list[PublicKey]:
         """Raises: ConfigurationError if none are configured or one is unreadable or weak."""
-        if not self.trust_anchor_files:
-            raise ConfigurationError("no key-registry trust anchors configured (EVHUB_PUBLISHER_TRUST_ANCHOR_FILES)")
-        anchors = []
-        for path in self.trust_anchor_files:
-            try:
-                anchors.append(PublicKey.from_pem(path.read_bytes()))
-            except OSError as exc:
-                raise ConfigurationError(f"cannot read trust anchor {path}: {exc.strerror}") from exc
-            except EvidenceHubError as exc:
-                raise ConfigurationError(f"trust anchor {path} refused: {exc.detail}") from exc
-        return anchors
+        return read_public_keys(
+            self.trust_anchor_files, what="key-registry trust anchor", env="EVHUB_PUBLISHER_TRUST_ANCHOR_FILES"
+        )

@@ -13,7 +13,8 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.shared.errors import ConfigurationError
+from services.shared.errors import ConfigurationError, EvidenceHubError
+from services.shared.keys import PublicKey
 from services.shared.local_kafka import default_cache_dir
 from services.shared.tls import CertFiles
 
@@ -54,3 +55,22 @@ class ServerTLS(BaseModel):
         if self.unsafe_plaintext:
             return None
         raise ConfigurationError("TLS is required: set the service's TLS_CERT, TLS_KEY and TLS_CA")
+
+
+def read_public_keys(paths: list[Path], *, what: str, env: str) -> list[PublicKey]:
+    """The Ed25519 public keys in ``paths`` (PEM) — trust anchors, policy-admin keys.
+
+    Raises:
+        ConfigurationError: none configured (naming ``env``), or one unreadable, not Ed25519, or weak.
+    """
+    if not paths:
+        raise ConfigurationError(f"no {what} configured ({env})")
+    keys = []
+    for path in paths:
+        try:
+            keys.append(PublicKey.from_pem(path.read_bytes()))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read {what} {path}: {exc.strerror}") from exc
+        except EvidenceHubError as exc:
+            raise ConfigurationError(f"{what} {path} refused: {exc.detail}") from exc
+    return keys
