@@ -68,14 +68,15 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     out = args.out
     if out is None and plan.quick:
         out = Path(tempfile.gettempdir()) / f"evhub-bench-quick-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path = report.write_json(doc, out=out, started=started)
+    documents = not (plan.quick or args.scenario or args.no_docs)
+    path = report.write_json(doc, out=out, started=started, latest=documents)
     print(table)
     print(f"\nresults: {path}  ({outcome.wall_seconds:.0f} s)")
     failed = [r.name for r in rows if r.error]
     if failed:
         print(f"bench: failed: {', '.join(failed)}", file=sys.stderr)
         return 1
-    if not (plan.quick or args.scenario or args.no_docs):
+    if documents:
         report.update_docs(report.generated_section(table, doc))
         print(f"updated {report.DOCS}")
     return 0

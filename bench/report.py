@@ -168,8 +168,9 @@ def document(rows: Sequence[Row], outcome: RunOutcome, plan: Plan, started: dt.d
     }
 
 
-def write_json(doc: dict[str, Any], *, out: Path | None, started: dt.datetime) -> Path:
-    """``out`` if given; otherwise bench/results/<UTC timestamp>.json, copied to bench/results/latest.json."""
+def write_json(doc: dict[str, Any], *, out: Path | None, started: dt.datetime, latest: bool = True) -> Path:
+    """``out`` if given; otherwise bench/results/<UTC timestamp>.json, copied to bench/results/latest.json when
+    ``latest`` (only full runs, whose table docs/performance.md shows, become the reference)."""
     text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +179,8 @@ def write_json(doc: dict[str, Any], *, out: Path | None, started: dt.datetime) -
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     path.write_text(text, encoding="utf-8")
-    shutil.copyfile(path, RESULTS / "latest.json")
+    if latest:
+        shutil.copyfile(path, RESULTS / "latest.json")
     return path
 
 
