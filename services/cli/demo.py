@@ -172,16 +172,19 @@ async def _decide(out: Console, codec: AvroCodec, bootstrap: str, admin: Signing
     engine = PolicyEngine(store)
     registry = KeyRegistry(codec, anchors=[anchor.public])
     registry.apply_all(r.value for r in await read_to_end(bootstrap, KEYS_TOPIC) if r.value is not None)
-    table = Table("office", "item", "classification", "decision", "withheld", "determined by")
+    shown = 6
+    table = Table("office", "item", "classification", "decision", "protected fields withheld", "determined by",
+                  title=f"the first {shown} items of each office's feed, decided now for the purpose 'prosecution'")
     now = datetime.now(UTC)
     for j, office in OFFICES.items():
         topic = evidence_topic(j)
-        for r in (await read_to_end(bootstrap, topic))[:6]:
+        for r in (await read_to_end(bootstrap, topic))[:shown]:
             event = open_envelope(codec, r.value or b"", topic=topic, keys=registry).record
             d = engine.decide(office, READ_ITEM, item_attributes(event), now, purpose="prosecution")
             verdict = "[green]allow[/green]" if d.allowed else "[red]deny[/red]"
-            withheld = ", ".join(d.withheld_fields) or "-"
+            withheld = ("(not released)" if not d.allowed else ", ".join(d.withheld_fields)) or "-"
             why = ", ".join(d.determining_policies) or "default deny"
             table.add_row(office, event["item_id"], event["classification"], verdict, withheld, why)
     out.print(table)
-    out.print(f"decisions: {engine.cache_info()}")
+    info = engine.cache_info()
+    out.print(f"{info.hits + info.misses} decisions, {info.misses} evaluated by Cedar, {info.hits} from the cache")

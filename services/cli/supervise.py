@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 
 from services.shared.errors import InfrastructureError
+from services.shared.local_kafka import die_with_parent
 
 
 class ServiceStartError(InfrastructureError):
@@ -41,6 +42,7 @@ async def running_service(
         proc = subprocess.Popen(  # noqa: S603, ASYNC220 - spawning returns at once; waiting is done async below
             [sys.executable, "-m", module], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent,
         )  # fmt: skip
     try:
         await _wait_healthy(proc, health_url, ssl_context, log_file, timeout_s)

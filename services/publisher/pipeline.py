@@ -162,7 +162,7 @@ class EvidencePublisher:
         key = idempotency_key or f"{operation}:{default}"
         now = self.clock()
         if self.registry is not None:
-            self.registry.check_can_sign(self.signer.key_id, now)
+            self.registry.check_can_sign(self.signer.key_id, now, organisation=self.organisation)
         random = self.entropy(16 * (len(meta.protected) + 1))
         event_id = str(uuid.UUID(bytes=random[:16], version=4))
         salts = [random[16 * (i + 1) : 16 * (i + 2)] for i in range(len(meta.protected))]
@@ -213,7 +213,7 @@ class EvidencePublisher:
         fingerprint = hashlib.sha256(f"withdraw\0{item_id}\0{reason}".encode()).hexdigest()
         now = self.clock()
         if self.registry is not None:
-            self.registry.check_can_sign(self.signer.key_id, now)
+            self.registry.check_can_sign(self.signer.key_id, now, organisation=self.organisation)
         event_id = str(uuid.UUID(bytes=self.entropy(16), version=4))
 
         def unit(conn: sqlite3.Connection) -> tuple[str, int, bool]:

@@ -197,10 +197,12 @@ async def _own_resources(app: web.Application) -> AsyncIterator[None]:
     try:
         app[STORE] = LocalContentStore(settings.data_dir / "content")
         app[PUBLISHER] = EvidencePublisher(
-            codec=codec, signer=signer, producer=producer, committer=committer, organisation=settings.organisation,
+            codec=codec, signer=signer, producer=producer, committer=committer,
+            organisation=registry.organisation_of(signer.key_id),
             jurisdictions=settings.jurisdictions, registry=registry,
         )  # fmt: skip
-        registry.check_can_sign(signer.key_id, app[PUBLISHER].clock())  # fail closed: never sign with a bad key
+        publisher = app[PUBLISHER]  # fail closed: never start signing with a key receivers would refuse
+        registry.check_can_sign(signer.key_id, publisher.clock(), organisation=publisher.organisation)
         yield
     finally:
         await producer.stop()

@@ -14,7 +14,10 @@ from services.shared.tls import CertFiles
 
 
 class PublisherSettings(ServerTLS, BaseSettings):
-    """Documentation-group clients authenticate with client certificates (mTLS): the key never leaves their
+    """The organisation the events name is the one ``hub.keys`` registered the signing key for: it is read from
+    the registry at start, never configured twice.
+
+    Documentation-group clients authenticate with client certificates (mTLS): the key never leaves their
     machine, nothing bearer-like can be replayed from a log, and the same PKI already protects hub ↔ broker
     traffic. Only certificate CNs in ``allowed_clients`` may publish."""
 
@@ -25,7 +28,6 @@ class PublisherSettings(ServerTLS, BaseSettings):
     data_dir: Path = Path("var/publisher")
     signing_key_file: Path | None = None
     trust_anchor_files: list[Path] = Field(default_factory=list)
-    organisation: str = "Documentation group"
     jurisdictions: list[str] = Field(default_factory=lambda: ["DE", "FR", "SE"])
     max_file_bytes: int = Field(default=16 << 30, ge=1)
     max_metadata_bytes: int = Field(default=256 << 10, ge=1024)

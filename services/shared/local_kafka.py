@@ -147,7 +147,7 @@ def render_properties(props: Mapping[str, str]) -> str:
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Ask Linux to SIGTERM the broker if the process that started it dies without stopping it."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -220,7 +220,7 @@ class LocalKafka:
         try:
             self._proc = subprocess.Popen(  # noqa: S603
                 run, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=die_with_parent,
             )  # fmt: skip
         finally:
             out.close()

@@ -133,14 +133,17 @@ class KeyRegistry:
     def organisation_of(self, key_id: str) -> str:
         return self.entry(key_id).organisation
 
-    def check_can_sign(self, key_id: str, now: datetime) -> None:
-        """Refuse to publish with a key that receivers would refuse.
+    def check_can_sign(self, key_id: str, now: datetime, *, organisation: str) -> None:
+        """Refuse to publish with a key that receivers would refuse, in the name of ``organisation``.
 
         Raises:
-            UntrustedKey: unknown, not yet valid, expired or revoked.
+            UntrustedKey: unknown, not yet valid, expired, revoked, or registered for another organisation.
         """
-        if self.entry(key_id).revoked_at is not None:
+        entry = self.entry(key_id)
+        if entry.revoked_at is not None:
             raise UntrustedKey("revoked key")
+        if entry.organisation != organisation:
+            raise UntrustedKey(f"the signing key is registered for {entry.organisation!r}, not {organisation!r}")
         self.check_signed_at(key_id, now)
 
     def key_ids(self) -> list[str]:

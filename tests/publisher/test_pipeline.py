@@ -186,13 +186,13 @@ async def test_correction_names_the_version_it_replaces_and_withdrawal_reaches_e
 
 
 async def test_publishing_with_a_revoked_or_expired_key_is_refused_and_writes_nothing(stack: Stack) -> None:
-    now = datetime.now(UTC)
-    stack.registry.apply(issue(stack.codec, stack.anchor, public_key=stack.signer.public, organisation="g",
+    now, org = datetime.now(UTC), stack.publisher.organisation
+    stack.registry.apply(issue(stack.codec, stack.anchor, public_key=stack.signer.public, organisation=org,
                                not_before=now - timedelta(days=1), revoked_at=now, last_valid_sequence=0,
                                revision=2))  # fmt: skip
     with pytest.raises(UntrustedKey, match="revoked"):
         await _publish(stack, "SDG-R", png())
-    stack.registry.apply(issue(stack.codec, stack.anchor, public_key=stack.signer.public, organisation="g",
+    stack.registry.apply(issue(stack.codec, stack.anchor, public_key=stack.signer.public, organisation=org,
                                not_before=now - timedelta(days=2), not_after=now - timedelta(days=1),
                                revision=3))  # fmt: skip
     with pytest.raises(UntrustedKey, match="expired"):

@@ -49,7 +49,7 @@ async def test_a_key_revoked_on_hub_keys_stops_a_running_publisher_from_signing(
     settings = PublisherSettings(
         kafka=KafkaSettings(bootstrap=kafka.bootstrap), signing_key_file=tmp_path / "signer.key",
         trust_anchor_files=[tmp_path / "anchor.pub.pem"], jurisdictions=[jurisdiction], data_dir=tmp_path / "data",
-        organisation="group", unsafe_plaintext=True, relay_interval_s=0.2,
+        unsafe_plaintext=True, relay_interval_s=0.2,
     )  # fmt: skip
     runner = web.AppRunner(create_app(settings))
     await runner.setup()

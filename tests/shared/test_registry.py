@@ -146,7 +146,7 @@ def test_a_newer_revision_replaces_the_older_revocation(codec: AvroCodec, anchor
     with pytest.raises(UntrustedKey):
         reg.resolve(_KEY.key_id, sequence=11)
     with pytest.raises(UntrustedKey):
-        reg.check_can_sign(_KEY.key_id, NOW)
+        reg.check_can_sign(_KEY.key_id, NOW, organisation=ORG)
     assert len(reg) == 1
 
 
@@ -184,12 +184,14 @@ def test_a_publisher_may_not_sign_with_a_key_receivers_refuse(
     reg = KeyRegistry(codec, anchors=[anchor.public])
     reg.apply(_signed(codec, anchor, _record(anchor, _KEY, **fields)))
     with pytest.raises(UntrustedKey):
-        reg.check_can_sign(_KEY.key_id, now)
+        reg.check_can_sign(_KEY.key_id, now, organisation=ORG)
 
 
 def test_a_publisher_may_sign_with_a_valid_key(codec: AvroCodec, anchor: SigningKey) -> None:
     reg = KeyRegistry(codec, anchors=[anchor.public])
     reg.apply(_signed(codec, anchor, _record(anchor, _KEY)))
-    reg.check_can_sign(_KEY.key_id, NOW)
+    reg.check_can_sign(_KEY.key_id, NOW, organisation=ORG)
     with pytest.raises(UntrustedKey):
-        reg.check_can_sign(seed_key(60).key_id, NOW)
+        reg.check_can_sign(seed_key(60).key_id, NOW, organisation=ORG)
+    with pytest.raises(UntrustedKey, match="registered for"):  # receivers would refuse the event's claim
+        reg.check_can_sign(_KEY.key_id, NOW, organisation="Another group")
