@@ -26,8 +26,8 @@ from typing import Any, Protocol
 
 from services.publisher import core, state
 from services.shared.avro import AvroCodec
-from services.shared.envelope import seal
-from services.shared.errors import Conflict, KafkaUnavailable, NotFound
+from services.shared.envelope import MAX_ENVELOPE_BYTES, seal
+from services.shared.errors import Conflict, KafkaUnavailable, NotFound, PayloadTooLarge, UntrustedKey, ValidationFailed
 from services.shared.kafka import evidence_topic
 from services.shared.keys import SigningKey
 from services.shared.registry import KeyRegistry
@@ -126,9 +126,11 @@ class EvidencePublisher:
     clock: Clock = utc_now
     #: Randomness for salts and event ids, drawn once per request (one getrandom call, not one per value).
     entropy: Callable[[int], bytes] = secrets.token_bytes
-    _in_flight: set[str] = field(default_factory=set, init=False, repr=False)
+    #: Events being sent right now, by a request or by the relay: the other waits instead of sending them twice.
+    _sending: dict[str, asyncio.Event] = field(default_factory=dict, init=False, repr=False)
     _enqueue: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
-    _marks: list[tuple[int | None, int | None, str, str, str]] = field(default_factory=list, init=False, repr=False)
+    #: Acknowledged (event id, jurisdiction) → (partition, offset, at) not yet written to the outbox.
+    _marks: dict[tuple[str, str], tuple[int, int, str]] = field(default_factory=dict, init=False, repr=False)
 
     async def publish(
         self, meta: core.EvidenceMetadata, content: ContentInfo, *, idempotency_key: str | None = None
@@ -149,6 +151,13 @@ class EvidencePublisher:
         and NotFound for an unknown item, Conflict for a withdrawn one."""
         if meta.item_id != item_id:
             raise Conflict(f"metadata names item {meta.item_id!r}, the request {item_id!r}")
+        if not idempotency_key:
+            # Without one, a retry after a lost answer could not be told apart from a new correction that
+            # happens to say the same (e.g. reverting to an earlier version): fail closed.
+            raise ValidationFailed(
+                "a correction needs an Idempotency-Key header",
+                errors=[{"field": "Idempotency-Key", "message": "required for corrections"}],
+            )
         return await self._version(meta, content, idempotency_key, correction_of=item_id)
 
     async def _version(
@@ -157,9 +166,12 @@ class EvidencePublisher:
         core.check_jurisdictions(meta, self.jurisdictions)
         operation = "correct" if correction_of else "publish"
         fingerprint = core.request_fingerprint(meta, content.sha256)
-        # Without a key, a publication is identified by item id + content digest; a correction by its whole meaning.
-        default = f"{meta.item_id}:{content.sha256}" if operation == "publish" else fingerprint
-        key = idempotency_key or f"{operation}:{default}"
+        # Without a key, a publication is identified by its item id and content digest.
+        key = idempotency_key or f"publish:{meta.item_id}:{content.sha256}"
+        reused = (
+            "this Idempotency-Key was already used for a different request" if idempotency_key else
+            f"item {meta.item_id} was already published with this file and other metadata; send a correction"
+        )  # fmt: skip
         now = self.clock()
         if self.registry is not None:
             self.registry.check_can_sign(self.signer.key_id, now, organisation=self.organisation)
@@ -170,7 +182,7 @@ class EvidencePublisher:
                       "file_name": content.file_name}  # fmt: skip
 
         def unit(conn: sqlite3.Connection) -> tuple[str, int, bool]:
-            done = _replay(conn, key, fingerprint)
+            done = _replay(conn, key, fingerprint, reused)
             if done is not None:
                 return done
             existing = state.item(conn, meta.item_id)
@@ -185,6 +197,12 @@ class EvidencePublisher:
                     raise NotFound(f"no item {correction_of}")
                 if existing["withdrawn_at"] is not None:
                     raise Conflict(f"item {correction_of} was withdrawn")
+                left_out = sorted(set(_jurisdictions(existing)) - set(meta.jurisdictions))
+                if left_out:
+                    raise Conflict(
+                        f"a correction must reach every jurisdiction the item was published to; "
+                        f"{', '.join(left_out)} would keep version {existing['latest_version']} as current"
+                    )
                 version, replaces = existing["latest_version"] + 1, existing["latest_event_id"]
             events, disclosures = core.build_events(
                 meta, event_id=event_id, version=version, replaces_event_id=replaces,
@@ -211,13 +229,17 @@ class EvidencePublisher:
         """
         key = idempotency_key or f"withdraw:{item_id}"
         fingerprint = hashlib.sha256(f"withdraw\0{item_id}\0{reason}".encode()).hexdigest()
+        reused = (
+            "this Idempotency-Key was already used for a different request" if idempotency_key else
+            f"item {item_id} is already withdrawn"
+        )  # fmt: skip
         now = self.clock()
         if self.registry is not None:
             self.registry.check_can_sign(self.signer.key_id, now, organisation=self.organisation)
         event_id = str(uuid.UUID(bytes=self.entropy(16), version=4))
 
         def unit(conn: sqlite3.Connection) -> tuple[str, int, bool]:
-            done = _replay(conn, key, fingerprint)
+            done = _replay(conn, key, fingerprint, reused)
             if done is not None:
                 return done
             existing = state.item(conn, item_id)
@@ -247,6 +269,9 @@ class EvidencePublisher:
             sequence = state.next_sequence(conn, self.signer.key_id, topic)
             envelope = seal(self.codec, schema=schema, record=record, topic=topic, signer=self.signer,
                             sequence=sequence, disclosures=disclosures)  # fmt: skip
+            if len(envelope) > MAX_ENVELOPE_BYTES:  # receivers refuse bigger ones; never commit what can't verify
+                raise PayloadTooLarge(f"the signed event would be {len(envelope)} bytes; the limit is "
+                                      f"{MAX_ENVELOPE_BYTES} (shorten the description or protected values)")
             state.insert(conn, "outbox", {
                 "event_id": event_id, "jurisdiction": jurisdiction, "topic": topic, "kafka_key": case_id.encode(),
                 "key_id": self.signer.key_id, "sequence": sequence, "envelope": envelope})  # fmt: skip
@@ -260,20 +285,30 @@ class EvidencePublisher:
 
     async def _deliver_event(self, operation: str, event_id: str, item_id: str, version: int, replayed: bool,
                              rows: list[state.OutboxRow], content: ContentInfo | None) -> PublishResult:  # fmt: skip
-        self._in_flight.add(event_id)
-        try:
-            deliveries = await self._deliver(rows)
-        finally:
-            self._in_flight.discard(event_id)
+        deliveries = await self._deliver_exclusively(event_id, rows)
         result = PublishResult(operation, event_id, item_id, version, tuple(deliveries), replayed, content)
         if not result.complete:
             raise PartialDelivery(result)
         return result
 
+    async def _deliver_exclusively(self, event_id: str, rows: list[state.OutboxRow]) -> list[Delivery]:
+        """Send an event's undelivered rows, unless someone else is: then wait for them and use their result."""
+        while (busy := self._sending.get(event_id)) is not None:
+            await busy.wait()
+            rows = await self.committer.run(lambda conn: state.outbox(conn, event_id))
+        done = self._sending[event_id] = asyncio.Event()
+        try:
+            return await self._deliver(rows)
+        finally:
+            del self._sending[event_id]
+            done.set()
+
     async def _deliver(self, rows: Sequence[state.OutboxRow]) -> list[Delivery]:
         async def send(row: state.OutboxRow) -> Delivery:
             if row.offset is not None:
                 return Delivery(row.jurisdiction, row.topic, row.sequence, row.partition, row.offset)
+            if (acked := self._marks.get((row.event_id, row.jurisdiction))) is not None:
+                return Delivery(row.jurisdiction, row.topic, row.sequence, acked[0], acked[1])
             try:
                 # One caller at a time enqueues: when a batch is full aiokafka parks the sender until it drains,
                 # and wakes every parked sender at once — with hundreds of concurrent publishes that herd cost
@@ -290,7 +325,10 @@ class EvidencePublisher:
         fresh = [(r, d) for r, d in zip(rows, deliveries, strict=True) if d.delivered and r.offset is None]
         if fresh:
             at = self.clock().isoformat()
-            self._marks += [(d.partition, d.offset, at, r.event_id, r.jurisdiction) for r, d in fresh]
+            for r, d in fresh:
+                assert d.partition is not None
+                assert d.offset is not None
+                self._marks[(r.event_id, r.jurisdiction)] = (d.partition, d.offset, at)
             if len(self._marks) == len(fresh):  # the first since the last flush schedules the next one
                 # Not awaited: the answer depends on Kafka's acknowledgement, not on this bookkeeping. Were it
                 # lost, the relay would send the same envelope again, which receivers recognise as a redelivery.
@@ -298,14 +336,25 @@ class EvidencePublisher:
         return list(deliveries)
 
     def _flush_marks(self, conn: sqlite3.Connection) -> None:
-        marks, self._marks = self._marks, []
-        state.mark_delivered(conn, marks)
+        marks, self._marks = self._marks, {}
+        state.mark_delivered(conn, [(p, o, at, event, j) for (event, j), (p, o, at) in marks.items()])
 
     async def deliver_pending(self, limit: int = 1000) -> int:
         """The outbox relay: send what Kafka has not acknowledged yet. Returns how many were delivered now."""
         rows = await self.committer.run(lambda conn: state.pending(conn, limit))
-        rows = [r for r in rows if r.event_id not in self._in_flight]  # a request is delivering those itself
-        return sum(d.delivered for d in await self._deliver(rows))
+        events: dict[str, list[state.OutboxRow]] = {}
+        for row in rows:
+            if row.event_id in self._sending:  # a request is delivering it right now
+                continue
+            if self.registry is not None:
+                try:
+                    self.registry.resolve(row.key_id, sequence=row.sequence)
+                except UntrustedKey as exc:  # receivers would refuse it: sending it would only add noise
+                    log.warning("not sending %s to %s: %s", row.event_id, row.topic, exc.detail)
+                    continue
+            events.setdefault(row.event_id, []).append(row)
+        results = await asyncio.gather(*(self._deliver_exclusively(e, r) for e, r in events.items()))
+        return sum(d.delivered for deliveries in results for d in deliveries)
 
     async def status(self, item_id: str) -> dict[str, Any]:
         """Raises: NotFound."""
@@ -344,12 +393,12 @@ def _with_outbox(
     return both
 
 
-def _replay(conn: sqlite3.Connection, key: str, fingerprint: str) -> tuple[str, int, bool] | None:
+def _replay(conn: sqlite3.Connection, key: str, fingerprint: str, reused: str) -> tuple[str, int, bool] | None:
     previous = state.request(conn, key)
     if previous is None:
         return None
     if previous["fingerprint"] != fingerprint:
-        raise Conflict("this Idempotency-Key was already used for a different request")
+        raise Conflict(reused)
     return previous["event_id"], previous["version"], True
 
 

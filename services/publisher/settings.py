@@ -30,7 +30,7 @@ class PublisherSettings(ServerTLS, BaseSettings):
     trust_anchor_files: list[Path] = Field(default_factory=list)
     jurisdictions: list[str] = Field(default_factory=lambda: ["DE", "FR", "SE"])
     max_file_bytes: int = Field(default=16 << 30, ge=1)
-    max_metadata_bytes: int = Field(default=256 << 10, ge=1024)
+    max_metadata_bytes: int = Field(default=256 << 10, ge=1024, le=1 << 20)
     allowed_clients: list[str] = Field(default_factory=list)
     relay_interval_s: float = Field(default=5.0, gt=0)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)

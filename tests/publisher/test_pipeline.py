@@ -158,8 +158,8 @@ async def test_correction_names_the_version_it_replaces_and_withdrawal_reaches_e
     stack: Stack,
 ) -> None:
     first = await _publish(stack, "SDG-DOC-7", png(seed=7))
-    meta = parse_metadata(metadata("SDG-DOC-7", stack.jurisdictions[:2], title="Corrected title"))
-    second = await stack.publisher.correct("SDG-DOC-7", meta, await _store(stack, png(seed=7)))
+    meta = parse_metadata(metadata("SDG-DOC-7", stack.jurisdictions, title="Corrected title"))
+    second = await stack.publisher.correct("SDG-DOC-7", meta, await _store(stack, png(seed=7)), idempotency_key="c1")
     assert second.version == 2
     withdrawn = await stack.publisher.withdraw("SDG-DOC-7", "consent withdrawn by the witness")
     assert {d.jurisdiction for d in withdrawn.deliveries} == set(stack.jurisdictions)
@@ -176,13 +176,42 @@ async def test_correction_names_the_version_it_replaces_and_withdrawal_reaches_e
     status = await stack.publisher.status("SDG-DOC-7")
     assert status["latest_version"] == 2
     assert status["withdrawn_at"] is not None
-    again = await stack.publisher.correct("SDG-DOC-7", meta, await _store(stack, png(seed=7)))
+    again = await stack.publisher.correct("SDG-DOC-7", meta, await _store(stack, png(seed=7)), idempotency_key="c1")
     assert again.replayed, "repeating the earlier correction is idempotent even after the withdrawal"
-    newer = parse_metadata(metadata("SDG-DOC-7", stack.jurisdictions[:2], title="A third title"))
+    newer = parse_metadata(metadata("SDG-DOC-7", stack.jurisdictions, title="A third title"))
     with pytest.raises(Conflict, match="withdrawn"):
-        await stack.publisher.correct("SDG-DOC-7", newer, await _store(stack, png(seed=7)))
+        await stack.publisher.correct("SDG-DOC-7", newer, await _store(stack, png(seed=7)), idempotency_key="c2")
+    with pytest.raises(Conflict, match="already withdrawn"):
+        await stack.publisher.withdraw("SDG-DOC-7", "another reason")
     with pytest.raises(NotFound):
         await stack.publisher.withdraw("SDG-NOPE", "x")
+
+
+async def test_a_correction_back_to_an_earlier_text_is_a_new_version(stack: Stack) -> None:
+    await _publish(stack, "SDG-DOC-8", png(seed=8))
+    x = parse_metadata(metadata("SDG-DOC-8", stack.jurisdictions, title="Text X"))
+    y = parse_metadata(metadata("SDG-DOC-8", stack.jurisdictions, title="Text Y"))
+    content = await _store(stack, png(seed=8))
+    versions = [(await stack.publisher.correct("SDG-DOC-8", m, content, idempotency_key=k)).version
+                for m, k in ((x, "k1"), (y, "k2"), (x, "k3"))]  # fmt: skip
+    assert versions == [2, 3, 4]
+    with pytest.raises(ValidationFailed, match="Idempotency-Key"):
+        await stack.publisher.correct("SDG-DOC-8", y, content)
+
+
+async def test_a_correction_may_not_leave_a_jurisdiction_on_an_old_version(stack: Stack) -> None:
+    await _publish(stack, "SDG-DOC-9", png(seed=9))
+    narrower = parse_metadata(metadata("SDG-DOC-9", stack.jurisdictions[:1], title="Only DE"))
+    with pytest.raises(Conflict, match="would keep version 1 as current"):
+        await stack.publisher.correct("SDG-DOC-9", narrower, await _store(stack, png(seed=9)), idempotency_key="n")
+    assert (await stack.publisher.status("SDG-DOC-9"))["latest_version"] == 1
+
+
+async def test_new_metadata_for_a_published_file_says_to_send_a_correction(stack: Stack) -> None:
+    await _publish(stack, "SDG-DOC-10", png(seed=10))
+    changed = parse_metadata(metadata("SDG-DOC-10", stack.jurisdictions, title="Fixed title"))
+    with pytest.raises(Conflict, match="send a correction"):
+        await stack.publisher.publish(changed, await _store(stack, png(seed=10)))
 
 
 async def test_publishing_with_a_revoked_or_expired_key_is_refused_and_writes_nothing(stack: Stack) -> None:
