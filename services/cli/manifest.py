@@ -35,7 +35,11 @@ class Entry:
 
 def _csv_rows(text: str) -> list[dict[str, Any]]:
     rows = []
-    for row in csv.DictReader(io.StringIO(text)):
+    reader = csv.DictReader(io.StringIO(text))
+    for column in reader.fieldnames or ():
+        if column.startswith("protected:") and len(column.split(":", 2)) != 3:
+            raise ValueError(f"column {column!r} should be protected:<LABEL>:<field>")
+    for row in reader:
         entry: dict[str, Any] = {}
         sharing: dict[str, Any] = {}
         protected = []

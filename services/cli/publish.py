@@ -21,6 +21,7 @@ import aiohttp
 
 from services.cli.manifest import Entry
 from services.publisher.core import request_fingerprint
+from services.shared.errors import ConfigurationError, EvidenceHubError, InfrastructureError
 from services.shared.media import HEAD_BYTES, sniff
 
 CHUNK = 1 << 20
@@ -38,20 +39,33 @@ class Outcome:
     version: int = 0
     jurisdictions: str = ""
     error: str = ""
+    retriable: bool = False
+
+
+class PublisherUnreachable(InfrastructureError):
+    title = "Publisher unreachable"
+    type_slug = "publisher-unreachable"
 
 
 class Journal:
     """One JSON line per published item, fsynced: what a re-run may skip. Survives Ctrl-C and crashes."""
 
     def __init__(self, path: Path) -> None:
+        """Raises: ConfigurationError if the journal can't be read or written (checked before anything is sent)."""
         self.path = path
         self.done: dict[str, dict[str, Any]] = {}
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line torn by a crash: that item is simply published (idempotently) again
+        try:
+            with path.open("a", encoding="utf-8"):
+                pass
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot use {path} as the resume journal: {exc.strerror}") from exc
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a crash: that item is simply published (idempotently) again
+            if isinstance(record, dict) and isinstance(record.get("item_id"), str):
                 self.done[record["item_id"]] = record
 
     def skip(self, item_id: str, fingerprint: str) -> dict[str, Any] | None:
@@ -59,11 +73,15 @@ class Journal:
         return record if record is not None and record.get("fingerprint") == fingerprint else None
 
     def add(self, record: dict[str, Any]) -> None:
+        """Raises: ConfigurationError if the journal can no longer be written (e.g. the disk is full)."""
         self.done[record["item_id"]] = record
-        with self.path.open("a", encoding="utf-8") as out:
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with self.path.open("a", encoding="utf-8") as out:
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            raise ConfigurationError(f"cannot write the resume journal {self.path}: {exc.strerror}") from exc
 
 
 def _hash_file(path: Path) -> tuple[str, int, bytes]:
@@ -101,7 +119,10 @@ def _problem_text(status: int, body: Any) -> str:
 async def publish_one(
     session: aiohttp.ClientSession, url: str, entry: Entry, journal: Journal, advance: Callable[[int], None]
 ) -> Outcome:
-    sha, size, head = await asyncio.to_thread(_hash_file, entry.path)
+    try:
+        sha, size, head = await asyncio.to_thread(_hash_file, entry.path)
+    except OSError as exc:
+        return Outcome(entry.metadata.item_id, str(entry.path), "failed", error=f"cannot read the file: {exc.strerror}")
     outcome = Outcome(entry.metadata.item_id, str(entry.path), "failed", sha, sniff(head), size)
     fingerprint = request_fingerprint(entry.metadata, sha)
     previous = journal.skip(entry.metadata.item_id, fingerprint)
@@ -120,9 +141,17 @@ async def publish_one(
             body = await response.json(content_type=None)
             if response.status not in (200, 201):
                 outcome.error = _problem_text(response.status, body)
+                outcome.retriable = response.status >= 500
                 return outcome
+    except aiohttp.ClientConnectorError as exc:  # nothing will get through: stop the batch, don't fail each item
+        raise PublisherUnreachable(f"cannot reach the publisher at {url}: {exc}") from exc
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        outcome.error = f"could not reach the publisher: {exc.__class__.__name__}: {exc}"
+        outcome.error = f"the upload was interrupted: {exc.__class__.__name__}: {exc}"
+        outcome.retriable = True
+        return outcome
+    if body.get("sha256") != sha:  # the file changed between hashing and upload: don't record a wrong digest
+        got = str(body.get("sha256"))[:12]
+        outcome.error = f"the file changed while it was sent (hashed {sha[:12]}…, the publisher got {got}…)"
         return outcome
     outcome.status = "published" if response.status == 201 else "already-published"
     outcome.event_id, outcome.version = body["event_id"], body["version"]
@@ -148,12 +177,17 @@ async def publish_all(
                 on_done(outcome)
                 return outcome
 
-        return list(await asyncio.gather(*(bounded(e) for e in entries)))
+        try:
+            async with asyncio.TaskGroup() as group:  # the first fatal error (unreachable, journal) stops the rest
+                tasks = [group.create_task(bounded(e)) for e in entries]
+        except* EvidenceHubError as errors:
+            raise errors.exceptions[0] from None
+        return [t.result() for t in tasks]
 
 
 def summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     counts = {s: sum(o.status == s for o in outcomes) for s in ("published", "already-published", "failed")}
     return {
-        "total": len(outcomes), **counts, "bytes": sum(o.size for o in outcomes),
-        "items": [asdict(o) for o in outcomes],
+        "total": len(outcomes), **counts, "retriable": sum(o.status == "failed" and o.retriable for o in outcomes),
+        "bytes": sum(o.size for o in outcomes), "items": [asdict(o) for o in outcomes],
     }  # fmt: skip

@@ -30,6 +30,7 @@ def register(sub: Any) -> None:
     p.add_argument("--journal", type=Path, help="resume journal (default: .evhub-publish.jsonl beside the manifest)")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
+    p.add_argument("--check", action="store_true", help="validate the manifest and the files, send nothing")
     p.set_defaults(handler=run_publish)
 
 
@@ -50,14 +51,21 @@ def _selected(entries: list[manifest.Entry], paths: list[Path]) -> list[manifest
 
 
 async def run_publish(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in {"url": args.url, "cert": args.cert, "key": args.key, "ca": args.ca}.items() if v}
-    settings = ClientSettings(**overrides)
-    ssl_context = client_context(settings.cert_files())
+    missing = [p for p in args.paths if not p.exists()]
+    if missing:
+        raise ValidationFailed(f"no such file or folder: {', '.join(map(str, missing))}")
     manifest_path = _find_manifest(args.paths, args.manifest)
-    entries = _selected(manifest.load(manifest_path), args.paths)
+    entries = _selected(manifest.load(manifest_path), args.paths)  # every row checked before anything is sent
     if not entries:
         named = ", ".join(map(str, args.paths))
         raise ValidationFailed(f"no manifest row of {manifest_path} names a file under {named}")
+    if args.check:
+        size = sum(e.path.stat().st_size for e in entries)
+        print(f"{manifest_path}: {len(entries)} items ready to publish ({size:,} bytes)")
+        return 0
+    overrides = {k: v for k, v in {"url": args.url, "cert": args.cert, "key": args.key, "ca": args.ca}.items() if v}
+    settings = ClientSettings(**overrides)
+    ssl_context = client_context(settings.cert_files())
     journal = Journal(args.journal or manifest_path.parent / ".evhub-publish.jsonl")
     total = sum(e.path.stat().st_size for e in entries)
     console = Console(stderr=True)
@@ -98,5 +106,8 @@ def _print_table(console: Console, outcomes: list[Outcome], result: dict[str, An
     console.print(
         f"{result['total']} items, {result['bytes']:,} bytes: {result['published']} published, "
         f"{result['already-published']} already published, {result['failed']} failed"
-        + (" — run the same command again to retry the failed ones" if result["failed"] else "")
+        + (f" — {result['retriable']} of them may succeed if you run the same command again" if result["retriable"]
+           else "")
+        + (" — the others need their metadata or file fixed (see the table)" if result["failed"] > result["retriable"]
+           else "")
     )

@@ -164,3 +164,46 @@ async def test_without_a_client_certificate_the_cli_says_so(hub: Hub, tmp_path: 
     run = await hub.evhub("publish", str(folder), cert=False)
     assert run.code == 5
     assert "client certificate" in run.stderr
+
+
+async def test_check_validates_the_manifest_without_certificates_or_network(hub: Hub, tmp_path: Path) -> None:
+    folder = tmp_path / "batch"
+    _csv_batch(folder, hub.stack.jurisdictions, n=3)
+    run = await hub.evhub("publish", str(folder), "--check", cert=False)
+    assert run.code == 0, run.stderr
+    assert "3 items ready to publish" in run.stdout
+    assert await read_to_end(hub.stack.bootstrap, hub.stack.topic(hub.stack.jurisdictions[0])) == []
+
+
+async def test_an_unreachable_publisher_stops_the_batch_with_one_line_and_exit_4(hub: Hub, tmp_path: Path) -> None:
+    from services.shared.local_kafka import free_port
+
+    folder = tmp_path / "batch"
+    _csv_batch(folder, hub.stack.jurisdictions, n=3)
+    hub.url = f"https://127.0.0.1:{free_port()}"
+    run = await hub.evhub("publish", str(folder))
+    assert run.code == 4
+    errors = [line for line in run.stderr.splitlines() if line.startswith("evhub:")]
+    assert len(errors) == 1
+    assert errors[0].startswith("evhub: cannot reach the publisher")
+    assert "Traceback" not in run.stderr
+
+
+async def test_an_unwritable_journal_is_refused_before_anything_is_sent(hub: Hub, tmp_path: Path) -> None:
+    folder = tmp_path / "batch"
+    _csv_batch(folder, hub.stack.jurisdictions, n=2)
+    run = await hub.evhub("publish", str(folder), "--journal", str(tmp_path / "no" / "such" / "dir" / "j.jsonl"))
+    assert run.code == 5
+    assert "resume journal" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert await read_to_end(hub.stack.bootstrap, hub.stack.topic(hub.stack.jurisdictions[0])) == []
+
+
+async def test_a_malformed_protected_column_names_the_column(hub: Hub, tmp_path: Path) -> None:
+    folder = tmp_path / "batch"
+    manifest = _csv_batch(folder, hub.stack.jurisdictions, n=1)
+    manifest.write_text(manifest.read_text().replace("protected:WITNESS_IDENTIFYING:witness.name", "protected:WITNESS"))
+    run = await hub.evhub("publish", str(folder), "--check")
+    assert run.code == 2
+    assert "protected:WITNESS" in run.stderr
+    assert "protected:<LABEL>:<field>" in run.stderr
