@@ -182,7 +182,7 @@ def _local_store(path: Path) -> PolicyStore:
     return store
 
 
-def _resource(args: argparse.Namespace) -> ItemAttributes | FeedRef | None:
+def _resource(args: argparse.Namespace) -> ItemAttributes | FeedRef:
     if args.feed:
         return FeedRef(jurisdiction=args.feed)
     if not args.item:
@@ -193,7 +193,10 @@ def _resource(args: argparse.Namespace) -> ItemAttributes | FeedRef | None:
         except OSError as exc:
             raise NotFound(f"cannot read {args.item[1:]}: {exc.strerror}") from exc
     items_path = args.items or (args.policy_dir or SAMPLE_PACK) / "items.json"
-    return load_items(items_path).get(args.item)
+    items = load_items(items_path)
+    if args.item not in items:  # a typo is a question we can't answer, not a denial
+        raise ValidationFailed(f"no item {args.item!r} in {items_path}; known: {', '.join(sorted(items))}")
+    return items[args.item]
 
 
 async def run_explain(args: argparse.Namespace) -> int:
@@ -202,9 +205,10 @@ async def run_explain(args: argparse.Namespace) -> int:
     at = args.at or datetime.now(UTC)
     action = "ReadFeed" if args.feed else args.action
     target = f"feed {args.feed}" if args.feed else f"item {args.item}"
-    if resource is None:
-        print(f"DENY  {args.office} {action} {target} at {at.isoformat()}\n  reason: unknown item {args.item!r}")
-        return 1
+    in_force = store.in_force(at)
+    if in_force is not None and args.office not in in_force.offices:
+        known = ", ".join(sorted(in_force.offices))
+        raise ValidationFailed(f"no office {args.office!r} in the policy in force; known: {known}")
     decision = PolicyEngine(store).decide(args.office, action, resource, at, args.purpose)
     print(f"{'ALLOW' if decision.allowed else 'DENY '} {args.office} {action} {target} at {at.isoformat()}")
     compiled = store.in_force(at)

@@ -11,7 +11,7 @@ import pytest
 from services.cli.policy import register
 from services.policy.pack import SAMPLE_PACK
 from services.shared.cluster import KafkaTarget
-from services.shared.errors import ConfigurationError, PolicyError
+from services.shared.errors import ConfigurationError, PolicyError, ValidationFailed
 from services.shared.keys import SigningKey
 
 
@@ -63,11 +63,17 @@ async def test_explain_a_local_pack(capsys: pytest.CaptureFixture[str]) -> None:
     assert '@id("item-jurisdiction-and-assigned-case")' in out
 
 
-async def test_explain_unknown_item_denies(capsys: pytest.CaptureFixture[str]) -> None:
-    code = await evhub("policy", "explain", "--policy-dir", str(SAMPLE_PACK), "--office", "DE-GBA-WCU",
-                       "--item", "no-such-item")  # fmt: skip
-    assert code == 1
-    assert "unknown item 'no-such-item'" in capsys.readouterr().out
+@pytest.mark.parametrize(
+    ("office", "item", "message"),
+    [("DE-GBA-WCU", "no-such-item", "no item 'no-such-item'"), ("DE-GBA", "item-photo-0001", "no office 'DE-GBA'")],
+    ids=["unknown-item", "unknown-office"],
+)
+async def test_explain_with_a_typo_is_an_input_error_listing_what_is_known(
+    office: str, item: str, message: str
+) -> None:
+    with pytest.raises(ValidationFailed, match=message) as caught:
+        await evhub("policy", "explain", "--policy-dir", str(SAMPLE_PACK), "--office", office, "--item", item)
+    assert "known: " in caught.value.detail
 
 
 @pytest.mark.kafka
