@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from services.shared.avro import AvroCodec
-from services.shared.errors import ConfigurationError, EvidenceHubError
+from services.shared.errors import ConfigurationError, EvidenceHubError, ValidationFailed
 from services.shared.kafka import KEYS_TOPIC, make_producer, read_to_end
 from services.shared.keys import PublicKey, SigningKey
 from services.shared.registry import KeyRegistry, issue
@@ -33,7 +33,10 @@ def register(sub: Any) -> None:
         p.add_argument("--not-before", type=datetime.fromisoformat, default=None)
         p.add_argument("--not-after", type=datetime.fromisoformat, default=None)
         if name == "revoke":
-            p.add_argument("--last-valid-sequence", type=int, required=True)
+            p.add_argument("--last-valid", action="append", default=[], metavar="TOPIC=N",
+                           help="last genuine sequence number on TOPIC (repeatable; sequences count per topic)")
+            p.add_argument("--last-valid-sequence", type=int, default=0, metavar="N",
+                           help="for topics not named with --last-valid (default 0: none stay valid)")
         p.set_defaults(handler=run_register, revoke=name == "revoke")
     ls = keys.add_parser("list", help="the registry as a receiver sees it")
     ls.add_argument("--anchor", type=Path, action="append", required=True, help="trust anchor public key (PEM)")
@@ -76,10 +79,12 @@ async def run_register(args: argparse.Namespace) -> int:
     anchor = SigningKey.from_pem(_read(args.anchor_key))
     public = PublicKey.from_pem(_read(args.public_key))
     now = datetime.now(UTC)
+    per_topic = _cut_offs(args.last_valid) if args.revoke else {}
     record = issue(
         codec, anchor, public_key=public, organisation=args.org, not_before=args.not_before or now,
         not_after=args.not_after, revoked_at=now if args.revoke else None,
-        last_valid_sequence=args.last_valid_sequence if args.revoke else None, revision=args.revision,
+        last_valid_sequence=args.last_valid_sequence if args.revoke else None, last_valid_sequences=per_topic,
+        revision=args.revision,
     )  # fmt: skip
     producer = make_producer(_bootstrap(), client_id="evhub-keys")
     await producer.start()
@@ -89,6 +94,17 @@ async def run_register(args: argparse.Namespace) -> int:
         await producer.stop()
     print(f"{'revoked' if args.revoke else 'registered'} {public.key_id} for {args.org} (revision {args.revision})")
     return 0
+
+
+def _cut_offs(values: list[str]) -> dict[str, int]:
+    """Raises: ValidationFailed for anything but TOPIC=N with N ≥ 0."""
+    out = {}
+    for value in values:
+        topic, _, number = value.partition("=")
+        if not topic or not number.isdigit():
+            raise ValidationFailed(f"--last-valid takes TOPIC=N (e.g. evidence.DE=41873), not {value!r}")
+        out[topic] = int(number)
+    return out
 
 
 async def run_list(args: argparse.Namespace) -> int:

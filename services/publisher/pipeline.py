@@ -348,7 +348,7 @@ class EvidencePublisher:
                 continue
             if self.registry is not None:
                 try:
-                    self.registry.resolve(row.key_id, sequence=row.sequence)
+                    self.registry.resolve(row.key_id, sequence=row.sequence, topic=row.topic)
                 except UntrustedKey as exc:  # receivers would refuse it: sending it would only add noise
                     log.warning("not sending %s to %s: %s", row.event_id, row.topic, exc.detail)
                     continue

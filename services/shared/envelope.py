@@ -46,8 +46,9 @@ def pae(payload_type: str, topic: str, key_id: str, sequence: int, payload: byte
 
 
 class KeyResolver(Protocol):
-    def resolve(self, key_id: str, *, sequence: int) -> PublicKey:
-        """The key, if it may have made a signature with this sequence number. Raises UntrustedKey otherwise."""
+    def resolve(self, key_id: str, *, sequence: int, topic: str) -> PublicKey:
+        """The key, if it may have made a signature with this sequence number on this topic. Raises UntrustedKey
+        otherwise."""
         ...
 
     def check_signed_at(self, key_id: str, signed_at: datetime) -> None:
@@ -123,7 +124,7 @@ def open_envelope(codec: AvroCodec, data: bytes, *, topic: str, keys: KeyResolve
     for sig in signatures:
         key_id, sequence = sig["key_id"], sig["sequence"]
         try:
-            key = keys.resolve(key_id, sequence=sequence)
+            key = keys.resolve(key_id, sequence=sequence, topic=topic)
             key.verify(sig["sig"], pae(payload_type, topic, key_id, sequence, payload))
         except UntrustedKey as exc:
             log.info("signature by untrusted key %s: %s", key_id[:16], exc.detail)

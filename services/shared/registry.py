@@ -13,7 +13,7 @@ written by ``services.shared.keystore``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -35,23 +35,50 @@ class KeyEntry:
     not_after: datetime | None
     revoked_at: datetime | None
     last_valid_sequence: int | None
+    last_valid_sequences: Mapping[str, int]
     revision: int
 
 
-def _unsigned(record: dict[str, Any]) -> dict[str, Any]:
-    return {**record, "anchor_sig": b""}
+def _zigzag(n: int) -> bytes:
+    """Avro's encoding of a long (zig-zag, then base-128 varint)."""
+    value, out = (n << 1) ^ (n >> 63), bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def signed_part(data: bytes, anchor_sig: bytes) -> bytes:
+    """The exact bytes the anchor signed: the record as written, its last field (``anchor_sig``) emptied.
+
+    Verifying the bytes as written — not a re-encoding with today's schema — keeps records written with an older
+    released schema verifiable after the schema evolves, as long as ``anchor_sig`` stays the last field.
+
+    Raises:
+        UntrustedKey: the record does not end with its signature field.
+    """
+    suffix = _zigzag(len(anchor_sig)) + anchor_sig
+    if not data.endswith(suffix):
+        raise UntrustedKey("malformed key record signature")
+    return data[: len(data) - len(suffix)] + _zigzag(0)
 
 
 def issue(
     codec: AvroCodec, anchor: SigningKey, *, public_key: PublicKey, organisation: str, not_before: datetime,
     not_after: datetime | None = None, revoked_at: datetime | None = None,
-    last_valid_sequence: int | None = None, revision: int = 1,
+    last_valid_sequence: int | None = None, last_valid_sequences: Mapping[str, int] | None = None,
+    revision: int = 1,
 ) -> bytes:  # fmt: skip
-    """A key record for ``public_key`` signed by ``anchor``, Avro-encoded for the ``hub.keys`` topic."""
+    """A key record for ``public_key`` signed by ``anchor``, Avro-encoded for the ``hub.keys`` topic.
+
+    On revocation, ``last_valid_sequences`` gives the last genuine sequence number per topic (sequence numbers
+    count per key and topic); ``last_valid_sequence`` applies to topics not listed there."""
     record: dict[str, Any] = {
         "key_id": public_key.key_id, "public_key": public_key.raw, "organisation": organisation,
         "not_before": not_before, "not_after": not_after, "revoked_at": revoked_at,
-        "last_valid_sequence": last_valid_sequence, "revision": revision,
+        "last_valid_sequence": last_valid_sequence, "last_valid_sequences": dict(last_valid_sequences or {}),
+        "revision": revision,
         "anchor_key_id": anchor.key_id, "anchor_sig": b"",
     }  # fmt: skip
     record["anchor_sig"] = anchor.sign(codec.encode(KEY_RECORD_SCHEMA, record))
@@ -81,7 +108,7 @@ class KeyRegistry:
             anchor = self._anchors.get(raw["anchor_key_id"])
             if anchor is None:
                 raise UntrustedKey("key record not signed by a trust anchor")
-            anchor.verify(raw["anchor_sig"], self._codec.encode(KEY_RECORD_SCHEMA, _unsigned(raw)))
+            anchor.verify(raw["anchor_sig"], signed_part(data, raw["anchor_sig"]))
             key = PublicKey.from_raw(raw["public_key"])
             if key.key_id != raw["key_id"] or key_id_for(raw["public_key"]) != raw["key_id"]:
                 raise UntrustedKey("key id does not match the public key")
@@ -93,7 +120,8 @@ class KeyRegistry:
             raise
         entry = KeyEntry(
             key=key, organisation=raw["organisation"], not_before=raw["not_before"], not_after=raw["not_after"],
-            revoked_at=raw["revoked_at"], last_valid_sequence=raw["last_valid_sequence"], revision=raw["revision"],
+            revoked_at=raw["revoked_at"], last_valid_sequence=raw["last_valid_sequence"],
+            last_valid_sequences=dict(raw["last_valid_sequences"]), revision=raw["revision"],
         )  # fmt: skip
         self._entries[key.key_id] = entry
         return entry
@@ -115,12 +143,12 @@ class KeyRegistry:
             raise UntrustedKey("unknown key")
         return found
 
-    def resolve(self, key_id: str, *, sequence: int) -> PublicKey:
+    def resolve(self, key_id: str, *, sequence: int, topic: str) -> PublicKey:
         entry = self.entry(key_id)
-        if entry.revoked_at is not None and (
-            entry.last_valid_sequence is None or sequence > entry.last_valid_sequence
-        ):
-            raise UntrustedKey("revoked key")
+        if entry.revoked_at is not None:
+            cutoff = entry.last_valid_sequences.get(topic, entry.last_valid_sequence)
+            if cutoff is None or sequence > cutoff:
+                raise UntrustedKey("revoked key")
         return entry.key
 
     def check_signed_at(self, key_id: str, signed_at: datetime) -> None:

@@ -9,7 +9,7 @@ import pytest
 from services.cli.main import build_parser
 from services.shared.avro import AvroCodec
 from services.shared.cluster import KafkaTarget
-from services.shared.errors import ConfigurationError
+from services.shared.errors import ConfigurationError, UntrustedKey, ValidationFailed
 from services.shared.kafka import KEYS_TOPIC, ensure_topics, hub_topics, read_to_end
 from services.shared.keys import PublicKey, SigningKey
 from services.shared.registry import KeyRegistry
@@ -42,11 +42,18 @@ async def test_register_then_revoke_is_what_a_receiver_sees(
     common = ["--anchor-key", str(tmp_path / "anchor.key"), "--public-key", str(tmp_path / "group.pub.pem"),
               "--org", "Documentation group"]  # fmt: skip
     assert await evhub("keys", "register", *common) == 0
-    assert await evhub("keys", "revoke", *common, "--revision", "2", "--last-valid-sequence", "10") == 0
+    with pytest.raises(ValidationFailed, match="TOPIC=N"):
+        await evhub("keys", "revoke", *common, "--revision", "2", "--last-valid", "evidence.DE")
+    assert await evhub("keys", "revoke", *common, "--revision", "2", "--last-valid", "evidence.DE=10",
+                       "--last-valid", "evidence.FR=3") == 0  # fmt: skip
 
     codec = AvroCodec.load()
     registry = KeyRegistry(codec, anchors=[PublicKey.from_pem((tmp_path / "anchor.pub.pem").read_bytes())])
     registry.apply_all(r.value for r in await read_to_end(kafka.bootstrap, KEYS_TOPIC) if r.value)
     group = PublicKey.from_pem((tmp_path / "group.pub.pem").read_bytes())
     entry = registry.entry(group.key_id)
-    assert (entry.revision, entry.last_valid_sequence, entry.revoked_at is not None) == (2, 10, True)
+    assert (entry.revision, entry.revoked_at is not None) == (2, True)
+    assert entry.last_valid_sequences == {"evidence.DE": 10, "evidence.FR": 3}
+    assert registry.resolve(group.key_id, sequence=10, topic="evidence.DE") == group
+    with pytest.raises(UntrustedKey):
+        registry.resolve(group.key_id, sequence=4, topic="evidence.FR")

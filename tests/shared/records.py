@@ -108,6 +108,7 @@ def key_record(*, key_id: str, public_key: bytes, anchor_key_id: str) -> dict[st
         "not_after": NOT_AFTER,
         "revoked_at": NOW + timedelta(days=1),
         "last_valid_sequence": 41,
+        "last_valid_sequences": {"evidence.DE": 41, "evidence.FR": 9},
         "revision": 3,
         "anchor_key_id": anchor_key_id,
         "anchor_sig": b"\x01" * 64,

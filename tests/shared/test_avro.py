@@ -347,6 +347,7 @@ def test_every_released_version_of_the_contract_decodes(name: str) -> None:
     for path in sorted((SCHEMA_DIR / "released" / name).glob("*.avsc")):
         released = json.loads(path.read_text("utf-8"))
         writer = AvroCodec(current={name: released}, released={})
-        data = writer.encode(name, sample_record(name))
+        fields = {f["name"] for f in released["fields"]}
+        data = writer.encode(name, {k: v for k, v in sample_record(name).items() if k in fields})
         decoded = CODEC.decode(data, expect=name)
         assert decoded.keys() == {f["name"] for f in CODEC.schema(name)["fields"]}, path

@@ -46,7 +46,7 @@ def test_an_issued_key_is_applied(codec: AvroCodec, anchor: SigningKey) -> None:
     entry = reg.apply(issue(codec, anchor, public_key=key.public, organisation=ORG, not_before=NOT_BEFORE))
     assert (entry.key.key_id, entry.organisation, entry.not_before, entry.not_after, entry.revision) == (
         key.key_id, ORG, NOT_BEFORE, None, 1)  # fmt: skip
-    assert reg.resolve(key.key_id, sequence=1).raw == key.public.raw
+    assert reg.resolve(key.key_id, sequence=1, topic=TOPIC_DE).raw == key.public.raw
     assert len(reg) == 1
     assert reg.rejected == 0
 
@@ -108,7 +108,7 @@ def test_bad_key_records_are_rejected_and_counted(
     assert reg.rejected == 1
     assert len(reg) == 0
     with pytest.raises(UntrustedKey):
-        reg.resolve(_KEY.key_id, sequence=1)
+        reg.resolve(_KEY.key_id, sequence=1, topic=TOPIC_DE)
 
 
 def test_stale_revisions_are_rejected_and_counted(codec: AvroCodec, anchor: SigningKey) -> None:
@@ -120,7 +120,7 @@ def test_stale_revisions_are_rejected_and_counted(codec: AvroCodec, anchor: Sign
     assert reg.rejected == 2
     assert reg.entry(_KEY.key_id).revoked_at == NOW  # the un-revoking older record did not win
     with pytest.raises(UntrustedKey):
-        reg.resolve(_KEY.key_id, sequence=6)
+        reg.resolve(_KEY.key_id, sequence=6, topic=TOPIC_DE)
 
 
 def test_apply_all_skips_bad_records_and_counts_them(codec: AvroCodec, anchor: SigningKey) -> None:
@@ -139,12 +139,12 @@ def test_apply_all_skips_bad_records_and_counts_them(codec: AvroCodec, anchor: S
 def test_a_newer_revision_replaces_the_older_revocation(codec: AvroCodec, anchor: SigningKey) -> None:
     reg = KeyRegistry(codec, anchors=[anchor.public])
     reg.apply(_signed(codec, anchor, _record(anchor, _KEY, revision=1)))
-    assert reg.resolve(_KEY.key_id, sequence=1000).raw == _KEY.public.raw
+    assert reg.resolve(_KEY.key_id, sequence=1000, topic=TOPIC_DE).raw == _KEY.public.raw
     reg.apply(_signed(codec, anchor, _record(anchor, _KEY, revision=2, revoked_at=NOW, last_valid_sequence=10)))
     assert reg.entry(_KEY.key_id).revision == 2
-    assert reg.resolve(_KEY.key_id, sequence=10).raw == _KEY.public.raw
+    assert reg.resolve(_KEY.key_id, sequence=10, topic=TOPIC_DE).raw == _KEY.public.raw
     with pytest.raises(UntrustedKey):
-        reg.resolve(_KEY.key_id, sequence=11)
+        reg.resolve(_KEY.key_id, sequence=11, topic=TOPIC_DE)
     with pytest.raises(UntrustedKey):
         reg.check_can_sign(_KEY.key_id, NOW, organisation=ORG)
     assert len(reg) == 1
@@ -166,7 +166,7 @@ def test_records_from_a_second_anchor_are_trusted(codec: AvroCodec, anchor: Sign
     second = seed_key(50)
     reg = KeyRegistry(codec, anchors=[anchor.public, second.public])
     reg.apply(_signed(codec, second, _record(second, _KEY)))
-    assert reg.resolve(_KEY.key_id, sequence=1).key_id == _KEY.key_id
+    assert reg.resolve(_KEY.key_id, sequence=1, topic=TOPIC_DE).key_id == _KEY.key_id
 
 
 @pytest.mark.parametrize(
@@ -195,3 +195,39 @@ def test_a_publisher_may_sign_with_a_valid_key(codec: AvroCodec, anchor: Signing
         reg.check_can_sign(seed_key(60).key_id, NOW, organisation=ORG)
     with pytest.raises(UntrustedKey, match="registered for"):  # receivers would refuse the event's claim
         reg.check_can_sign(_KEY.key_id, NOW, organisation="Another group")
+
+
+def test_revocation_cut_offs_are_per_topic(codec: AvroCodec, anchor: SigningKey) -> None:
+    """Sequence numbers count per key and topic, so a compromise is cut off per topic; unlisted topics fall back."""
+    reg = KeyRegistry(codec, anchors=[anchor.public])
+    reg.apply(issue(codec, anchor, public_key=_KEY.public, organisation=ORG, not_before=NOT_BEFORE, revoked_at=NOW,
+                    last_valid_sequences={"evidence.DE": 120, "evidence.FR": 7}, last_valid_sequence=0,
+                    revision=2))  # fmt: skip
+    assert reg.resolve(_KEY.key_id, sequence=120, topic="evidence.DE").key_id == _KEY.key_id
+    assert reg.resolve(_KEY.key_id, sequence=7, topic="evidence.FR").key_id == _KEY.key_id
+    for topic, sequence in (("evidence.DE", 121), ("evidence.FR", 8), ("evidence.SE", 1)):
+        with pytest.raises(UntrustedKey, match="revoked"):
+            reg.resolve(_KEY.key_id, sequence=sequence, topic=topic)
+
+
+def test_a_record_written_with_the_first_released_schema_still_verifies(codec: AvroCodec, anchor: SigningKey) -> None:
+    """The anchor signs the bytes as written, so schema evolution never invalidates old registry records."""
+    import io
+    import json
+
+    import fastavro
+
+    from services.shared.avro import MAGIC, SCHEMA_DIR, fingerprint
+
+    v1 = fastavro.parse_schema(json.loads((SCHEMA_DIR / "released" / "key_record" / "1.avsc").read_text()))
+
+    def encode_v1(record: dict[str, Any]) -> bytes:
+        out = io.BytesIO()
+        out.write(MAGIC + fingerprint(v1))
+        fastavro.schemaless_writer(out, v1, record)
+        return out.getvalue()
+
+    record = _record(anchor, _KEY)
+    record["anchor_sig"] = anchor.sign(encode_v1(record))
+    entry = KeyRegistry(codec, anchors=[anchor.public]).apply(encode_v1(record))
+    assert (entry.key.key_id, entry.last_valid_sequences) == (_KEY.key_id, {})
