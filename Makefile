@@ -12,10 +12,12 @@ help:
 	@echo "make test   - install, lint (ruff), type-check (mypy --strict), run every test against a real broker"
 	@echo "make bench  - measure the hub next to raw Kafka clients on the same broker"
 
+# pip's and setuptools' own chatter goes to .venv/install.log; it is printed only if the install fails.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@echo "installing into $(VENV) (log: $(VENV)/install.log)"
+	@$(PY) -m pip install -q --upgrade pip > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@$(PY) -m pip install -q -c constraints.txt -e '.[dev]' >> $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
 	touch $(STAMP)
 
 install: $(STAMP)
