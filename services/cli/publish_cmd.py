@@ -87,7 +87,8 @@ async def run_publish(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout, indent=2)
         print()
     else:
-        _print_table(Console(), outcomes, result)
+        out = Console()
+        _print_table(out if out.is_terminal else Console(width=160), outcomes, result)  # logs: don't truncate
     return 1 if result["failed"] else 0
 
 
