@@ -111,27 +111,29 @@ async def _store(args: argparse.Namespace, *extra: PublicKey) -> PolicyStore:
     return await load_store(_bootstrap(), PolicyStore(trusted=_trusted(args, *extra)), topic=args.topic)
 
 
-def _check(args: argparse.Namespace) -> tuple[PolicyPack, list[str]]:
+def _check(args: argparse.Namespace, *, consequence: str) -> PolicyPack:
+    """The pack at ``args.path``, validated. Cedar's findings are printed one per line.
+
+    Raises:
+        PolicyError: the pack has problems (``consequence`` says what that means for the caller).
+    """
     pack = load_pack(args.path, schema=args.schema, offices=args.offices)
-    return pack, diagnose(pack.policy_text, pack.schema_text, pack.offices)
-
-
-async def run_validate(args: argparse.Namespace) -> int:
-    pack, problems = _check(args)
+    problems = diagnose(pack.policy_text, pack.schema_text, pack.offices)
     if problems:
         for line in problems:
             print(f"  {line}")
-        raise PolicyError(f"{args.path}: {len(problems)} problem(s); the version in force is unchanged")
+        raise PolicyError(f"{args.path}: {len(problems)} problem(s); {consequence}")
+    return pack
+
+
+async def run_validate(args: argparse.Namespace) -> int:
+    pack = _check(args, consequence="the version in force is unchanged")
     print(f"ok: {args.path} is valid ({len(pack.offices)} offices)")
     return 0
 
 
 async def run_push(args: argparse.Namespace) -> int:
-    pack, problems = _check(args)
-    if problems:
-        for line in problems:
-            print(f"  {line}")
-        raise PolicyError(f"{args.path}: {len(problems)} problem(s); nothing was published")
+    pack = _check(args, consequence="nothing was published")
     try:
         key = SigningKey.from_pem(args.key.read_bytes())
     except OSError as exc:
