@@ -10,7 +10,7 @@ from typing import Any
 
 from services.shared.avro import AvroCodec
 from services.shared.errors import ConfigurationError, EvidenceHubError, ValidationFailed
-from services.shared.kafka import KEYS_TOPIC, make_producer, read_to_end
+from services.shared.kafka import EVIDENCE_PREFIX, KEYS_TOPIC, evidence_topic, make_producer, read_to_end
 from services.shared.keys import PublicKey, SigningKey
 from services.shared.registry import KeyRegistry, issue
 from services.shared.settings import KafkaSettings
@@ -29,7 +29,8 @@ def register(sub: Any) -> None:
         p.add_argument("--anchor-key", type=Path, required=True, help="trust anchor private key (PEM)")
         p.add_argument("--public-key", type=Path, required=True, help="publisher public key (PEM)")
         p.add_argument("--org", required=True, help="organisation the key belongs to")
-        p.add_argument("--revision", type=int, default=1, help="must exceed the key's previous record")
+        p.add_argument("--revision", type=int, default=None,
+                       help="must exceed the key's previous record (default: the current one on hub.keys + 1)")
         p.add_argument("--not-before", type=datetime.fromisoformat, default=None)
         p.add_argument("--not-after", type=datetime.fromisoformat, default=None)
         if name == "revoke":
@@ -80,31 +81,55 @@ async def run_register(args: argparse.Namespace) -> int:
     public = PublicKey.from_pem(_read(args.public_key))
     now = datetime.now(UTC)
     per_topic = _cut_offs(args.last_valid) if args.revoke else {}
+    bootstrap = _bootstrap()
+    revision = args.revision if args.revision is not None else await _next_revision(
+        codec, bootstrap, anchor.public, public.key_id, must_exist=args.revoke
+    )  # fmt: skip
     record = issue(
         codec, anchor, public_key=public, organisation=args.org, not_before=args.not_before or now,
         not_after=args.not_after, revoked_at=now if args.revoke else None,
         last_valid_sequence=args.last_valid_sequence if args.revoke else None, last_valid_sequences=per_topic,
-        revision=args.revision,
+        revision=revision,
     )  # fmt: skip
-    producer = make_producer(_bootstrap(), client_id="evhub-keys")
+    producer = make_producer(bootstrap, client_id="evhub-keys")
     await producer.start()
     try:
         await producer.send_and_wait(KEYS_TOPIC, record, key=public.key_id.encode())
     finally:
         await producer.stop()
-    print(f"{'revoked' if args.revoke else 'registered'} {public.key_id} for {args.org} (revision {args.revision})")
+    print(f"{'revoked' if args.revoke else 'registered'} {public.key_id} for {args.org} (revision {revision})")
     return 0
 
 
 def _cut_offs(values: list[str]) -> dict[str, int]:
-    """Raises: ValidationFailed for anything but TOPIC=N with N ≥ 0."""
+    """Raises: ValidationFailed for anything but evidence.<JURISDICTION>=N with N ≥ 0."""
     out = {}
     for value in values:
         topic, _, number = value.partition("=")
-        if not topic or not number.isdigit():
+        jurisdiction = topic.removeprefix(EVIDENCE_PREFIX)
+        try:
+            valid = topic.startswith(EVIDENCE_PREFIX) and evidence_topic(jurisdiction) == topic and number.isdigit()
+        except ConfigurationError:
+            valid = False
+        if not valid:
             raise ValidationFailed(f"--last-valid takes TOPIC=N (e.g. evidence.DE=41873), not {value!r}")
         out[topic] = int(number)
     return out
+
+
+async def _next_revision(codec: AvroCodec, bootstrap: str, anchor: PublicKey, key_id: str, *, must_exist: bool) -> int:
+    """One more than the key's record on hub.keys, as a receiver trusting ``anchor`` sees it.
+
+    Raises:
+        ValidationFailed: revoking a key the registry does not know.
+    """
+    registry = KeyRegistry(codec, anchors=[anchor])
+    registry.apply_all(r.value for r in await read_to_end(bootstrap, KEYS_TOPIC) if r.value is not None)
+    if key_id in registry.key_ids():
+        return registry.entry(key_id).revision + 1
+    if must_exist:
+        raise ValidationFailed(f"key {key_id[:16]}… is not on hub.keys under this anchor; nothing to revoke")
+    return 1
 
 
 async def run_list(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ what was already published, and the summary. Failures of single items are report
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -135,7 +136,11 @@ async def publish_one(
     form.add_field("metadata", entry.metadata.model_dump_json(exclude_none=True), content_type="application/json")
     form.add_field("file", _file_chunks(entry.path, advance), filename=entry.path.name,
                    content_type="application/octet-stream")  # fmt: skip
-    headers = {"Idempotency-Key": f"evhub-publish:{entry.metadata.item_id}:{sha}"}
+    headers = {
+        "Idempotency-Key": f"evhub-publish:{entry.metadata.item_id}:{sha}",
+        # The publisher refuses the upload before committing anything if the bytes it gets are not these.
+        "Repr-Digest": f"sha-256=:{base64.b64encode(bytes.fromhex(sha)).decode()}:",
+    }
     try:
         async with session.post(f"{url}/v1/evidence", data=form, headers=headers) as response:
             body = await response.json(content_type=None)

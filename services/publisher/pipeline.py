@@ -33,6 +33,9 @@ from services.shared.keys import SigningKey
 from services.shared.registry import KeyRegistry
 
 log = logging.getLogger(__name__)
+#: Room left under the receivers' envelope limit (1 MiB, also aiokafka's default max_request_size) for the Kafka
+#: record and batch headers and the key, so that a committed envelope can always be produced.
+RECORD_OVERHEAD = 16 * 1024
 
 
 class Producer(Protocol):
@@ -63,6 +66,7 @@ class Delivery:
     partition: int | None
     offset: int | None
     error: str | None = None
+    sent_now: bool = field(default=False, compare=False)  # acknowledged by this call (not earlier)
 
     @property
     def delivered(self) -> bool:
@@ -128,7 +132,7 @@ class EvidencePublisher:
     entropy: Callable[[int], bytes] = secrets.token_bytes
     #: Events being sent right now, by a request or by the relay: the other waits instead of sending them twice.
     _sending: dict[str, asyncio.Event] = field(default_factory=dict, init=False, repr=False)
-    _enqueue: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+    _enqueue: dict[str, asyncio.Lock] = field(default_factory=dict, init=False, repr=False)
     #: Acknowledged (event id, jurisdiction) → (partition, offset, at) not yet written to the outbox.
     _marks: dict[tuple[str, str], tuple[int, int, str]] = field(default_factory=dict, init=False, repr=False)
 
@@ -165,9 +169,11 @@ class EvidencePublisher:
     ) -> PublishResult:
         core.check_jurisdictions(meta, self.jurisdictions)
         operation = "correct" if correction_of else "publish"
-        fingerprint = core.request_fingerprint(meta, content.sha256)
-        # Without a key, a publication is identified by its item id and content digest.
-        key = idempotency_key or f"publish:{meta.item_id}:{content.sha256}"
+        # The operation is part of what a key stands for: a publish's key reused for a correction is a conflict.
+        fingerprint = f"{operation}:{core.request_fingerprint(meta, content.sha256)}"
+        # Without a key, a publication is identified by its item id and content digest. Client keys have their own
+        # namespace, so no key a client picks can collide with a derived one.
+        key = f"client:{idempotency_key}" if idempotency_key else f"publish:{meta.item_id}:{content.sha256}"
         reused = (
             "this Idempotency-Key was already used for a different request" if idempotency_key else
             f"item {meta.item_id} was already published with this file and other metadata; send a correction"
@@ -227,7 +233,7 @@ class EvidencePublisher:
 
         Raises: NotFound (unknown item), Conflict (already withdrawn, or key reused), PartialDelivery.
         """
-        key = idempotency_key or f"withdraw:{item_id}"
+        key = f"client:{idempotency_key}" if idempotency_key else f"withdraw:{item_id}"
         fingerprint = hashlib.sha256(f"withdraw\0{item_id}\0{reason}".encode()).hexdigest()
         reused = (
             "this Idempotency-Key was already used for a different request" if idempotency_key else
@@ -269,9 +275,10 @@ class EvidencePublisher:
             sequence = state.next_sequence(conn, self.signer.key_id, topic)
             envelope = seal(self.codec, schema=schema, record=record, topic=topic, signer=self.signer,
                             sequence=sequence, disclosures=disclosures)  # fmt: skip
-            if len(envelope) > MAX_ENVELOPE_BYTES:  # receivers refuse bigger ones; never commit what can't verify
+            if len(envelope) > MAX_ENVELOPE_BYTES - RECORD_OVERHEAD:  # never commit what can't be sent or verified
                 raise PayloadTooLarge(f"the signed event would be {len(envelope)} bytes; the limit is "
-                                      f"{MAX_ENVELOPE_BYTES} (shorten the description or protected values)")
+                                      f"{MAX_ENVELOPE_BYTES - RECORD_OVERHEAD} (shorten the description or "
+                                      "protected values)")
             state.insert(conn, "outbox", {
                 "event_id": event_id, "jurisdiction": jurisdiction, "topic": topic, "kafka_key": case_id.encode(),
                 "key_id": self.signer.key_id, "sequence": sequence, "envelope": envelope})  # fmt: skip
@@ -291,13 +298,18 @@ class EvidencePublisher:
             raise PartialDelivery(result)
         return result
 
-    async def _deliver_exclusively(self, event_id: str, rows: list[state.OutboxRow]) -> list[Delivery]:
-        """Send an event's undelivered rows, unless someone else is: then wait for them and use their result."""
+    async def _deliver_exclusively(self, event_id: str, rows: list[state.OutboxRow] | None) -> list[Delivery]:
+        """Send an event's undelivered rows, unless someone else is: then wait for them and use their result.
+
+        ``rows`` None (the relay) means: read them once this caller is the only sender of the event — rows read
+        earlier may predate a delivery that has finished since."""
         while (busy := self._sending.get(event_id)) is not None:
             await busy.wait()
-            rows = await self.committer.run(lambda conn: state.outbox(conn, event_id))
+            rows = None
         done = self._sending[event_id] = asyncio.Event()
         try:
+            if rows is None:
+                rows = await self.committer.run(lambda conn: state.outbox(conn, event_id))
             return await self._deliver(rows)
         finally:
             del self._sending[event_id]
@@ -313,13 +325,14 @@ class EvidencePublisher:
                 # One caller at a time enqueues: when a batch is full aiokafka parks the sender until it drains,
                 # and wakes every parked sender at once — with hundreds of concurrent publishes that herd cost
                 # more than the publishing (measured 864/s with 2,048 in flight vs 1,923/s with 256).
-                async with self._enqueue:
+                # Per topic: a jurisdiction whose partition has no leader must not hold up the others.
+                async with self._enqueue.setdefault(row.topic, asyncio.Lock()):
                     acknowledged = await self.producer.send(row.topic, row.envelope, key=row.kafka_key)
                 meta = await acknowledged
             except Exception as exc:  # aiokafka raises KafkaError subclasses and asyncio timeouts
                 log.warning("delivery of %s to %s failed: %r", row.event_id, row.topic, exc)
                 return Delivery(row.jurisdiction, row.topic, row.sequence, None, None, type(exc).__name__)
-            return Delivery(row.jurisdiction, row.topic, row.sequence, meta.partition, meta.offset)
+            return Delivery(row.jurisdiction, row.topic, row.sequence, meta.partition, meta.offset, sent_now=True)
 
         deliveries = await asyncio.gather(*(send(r) for r in rows))
         fresh = [(r, d) for r, d in zip(rows, deliveries, strict=True) if d.delivered and r.offset is None]
@@ -342,19 +355,22 @@ class EvidencePublisher:
     async def deliver_pending(self, limit: int = 1000) -> int:
         """The outbox relay: send what Kafka has not acknowledged yet. Returns how many were delivered now."""
         rows = await self.committer.run(lambda conn: state.pending(conn, limit))
-        events: dict[str, list[state.OutboxRow]] = {}
+        events: set[str] = set()
+        refused: list[tuple[str, str, str]] = []
         for row in rows:
-            if row.event_id in self._sending:  # a request is delivering it right now
-                continue
             if self.registry is not None:
                 try:
                     self.registry.resolve(row.key_id, sequence=row.sequence, topic=row.topic)
-                except UntrustedKey as exc:  # receivers would refuse it: sending it would only add noise
-                    log.warning("not sending %s to %s: %s", row.event_id, row.topic, exc.detail)
+                except UntrustedKey as exc:  # every receiver would refuse it: never send it, stop retrying it
+                    log.warning("abandoning %s to %s: %s", row.event_id, row.topic, exc.detail)
+                    refused.append((exc.detail, row.event_id, row.jurisdiction))
                     continue
-            events.setdefault(row.event_id, []).append(row)
-        results = await asyncio.gather(*(self._deliver_exclusively(e, r) for e, r in events.items()))
-        return sum(d.delivered for deliveries in results for d in deliveries)
+            if row.event_id not in self._sending:  # else a request is delivering it right now
+                events.add(row.event_id)
+        if refused:
+            await self.committer.run(lambda conn: state.abandon(conn, refused))
+        results = await asyncio.gather(*(self._deliver_exclusively(e, None) for e in events))
+        return sum(d.sent_now for deliveries in results for d in deliveries)
 
     async def status(self, item_id: str) -> dict[str, Any]:
         """Raises: NotFound."""

@@ -16,6 +16,7 @@ and the outbox relay task. Publishing itself is ``pipeline.EvidencePublisher``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -98,9 +99,31 @@ async def _read_upload(request: web.Request) -> tuple[core.EvidenceMetadata, Con
     def accept(head: bytes) -> None:
         detected.append(core.check_media_type(meta, sniff(head)))
 
-    stored = await store.put(chunks(), max_size=settings.max_file_bytes, accept=accept)
+    announced = repr_digest_sha256(request.headers.get("Repr-Digest"))
+    stored = await store.put(chunks(), max_size=settings.max_file_bytes, accept=accept, expected_sha256=announced)
     name = meta.file_name or file_part.filename or stored.sha256
     return meta, ContentInfo(sha256=stored.sha256, size=stored.size, media_type=detected[0], file_name=name)
+
+
+def repr_digest_sha256(header: str | None) -> str | None:
+    """The SHA-256 (hex) of an RFC 9530 ``Repr-Digest: sha-256=:<base64>:`` header; None without one.
+
+    Raises:
+        ValidationFailed: the header is present but has no well-formed sha-256 member.
+    """
+    if header is None:
+        return None
+    for member in header.split(","):
+        name, _, value = member.strip().partition("=")
+        if name.strip().lower() == "sha-256" and value.startswith(":") and value.endswith(":"):
+            try:
+                raw = base64.b64decode(value[1:-1], validate=True)
+            except ValueError:
+                break
+            if len(raw) == 32:
+                return raw.hex()
+    raise ValidationFailed("Repr-Digest must carry sha-256=:<base64 of 32 bytes>: (RFC 9530)",
+                           errors=[{"field": "Repr-Digest", "message": "no valid sha-256 member"}])  # fmt: skip
 
 
 def _respond(result: Any) -> web.Response:

@@ -40,8 +40,8 @@ CREATE TABLE IF NOT EXISTS sequences (
 CREATE TABLE IF NOT EXISTS outbox (
     event_id TEXT NOT NULL, jurisdiction TEXT NOT NULL, topic TEXT NOT NULL, kafka_key BLOB NOT NULL,
     key_id TEXT NOT NULL, sequence INTEGER NOT NULL, envelope BLOB NOT NULL,
-    partition INTEGER, offset INTEGER, delivered_at TEXT, PRIMARY KEY (event_id, jurisdiction));
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (delivered_at) WHERE delivered_at IS NULL;
+    partition INTEGER, offset INTEGER, delivered_at TEXT, abandoned TEXT, PRIMARY KEY (event_id, jurisdiction));
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (delivered_at) WHERE delivered_at IS NULL AND abandoned IS NULL;
 """
 
 
@@ -109,10 +109,17 @@ def outbox(conn: sqlite3.Connection, event_id: str) -> list[OutboxRow]:
 
 
 def pending(conn: sqlite3.Connection, limit: int = 1000) -> list[OutboxRow]:
+    """The oldest envelopes neither acknowledged by Kafka nor abandoned."""
     rows = conn.execute(
-        "SELECT * FROM outbox WHERE delivered_at IS NULL ORDER BY rowid LIMIT ?", (limit,)
+        "SELECT * FROM outbox WHERE delivered_at IS NULL AND abandoned IS NULL ORDER BY rowid LIMIT ?", (limit,)
     ).fetchall()
     return [_row(r) for r in rows]
+
+
+def abandon(conn: sqlite3.Connection, rows: list[tuple[str, str, str]]) -> None:
+    """``rows``: (reason, event_id, jurisdiction) of envelopes that must never be sent (e.g. their key was revoked
+    past their sequence number: every receiver would refuse them). They stay in the outbox as a record."""
+    conn.executemany("UPDATE outbox SET abandoned = ? WHERE event_id = ? AND jurisdiction = ?", rows)
 
 
 def _row(r: sqlite3.Row) -> OutboxRow:
@@ -162,19 +169,23 @@ class GroupCommitter:
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in the next group; returns once that group is committed (durable)."""
-        return await self.submit(fn)
+        return await self._enqueue(fn)
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Queue ``fn`` for the next group without waiting; failures nobody awaits are logged.
+        """Queue ``fn`` for the next group without waiting; its failure is logged (nobody awaits it).
 
         Raises:
             StoreUnavailable: the committer is closed.
         """
+        future = self._enqueue(fn)
+        future.add_done_callback(_log_failure)
+        return future
+
+    def _enqueue(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         if self._closed:
             raise StoreUnavailable("publisher state is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        future.add_done_callback(_log_failure)
         self._queue.append((fn, future))
         if not self._scheduled:
             self._scheduled = True
@@ -202,13 +213,10 @@ class GroupCommitter:
                     results.append((future, None, exc))
             self._conn.execute("COMMIT")
             self.groups += 1
-        except sqlite3.Error as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            failure = StoreUnavailable(f"publisher state commit failed: {exc}")
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(failure)
+        except BaseException as exc:  # the group failed (SQLite, or KeyboardInterrupt mid-unit): nothing is kept
+            self._abort(group, exc)
+            if not isinstance(exc, sqlite3.Error):
+                raise
             return
         for future, value, error in results:
             if future.done():  # the caller went away (cancelled); the work is committed all the same
@@ -217,6 +225,25 @@ class GroupCommitter:
                 future.set_exception(error)
             else:
                 future.set_result(value)
+
+    def _abort(self, group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+               exc: BaseException) -> None:  # fmt: skip
+        """Roll the group back and tell every caller; leave the committer usable for the next group."""
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.exception("rollback failed")
+        failure = StoreUnavailable(f"publisher state commit failed: {exc!r}")
+        for _, future in group:
+            if not future.done():
+                future.set_exception(failure)
+        if self._queue and not self._scheduled:  # an escaping exception must not strand what is still queued
+            try:
+                asyncio.get_running_loop().call_soon(self._drain)
+                self._scheduled = True
+            except RuntimeError:  # no loop (close() at exit): close() drains what is left itself
+                pass
 
     def close(self) -> None:
         """Commit whatever is still queued, then close the database."""

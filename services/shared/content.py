@@ -39,7 +39,8 @@ Acceptor = Callable[[bytes], None]
 
 class ContentStore(Protocol):
     async def put(
-        self, chunks: AsyncIterable[bytes], *, max_size: int, accept: Acceptor | None = None
+        self, chunks: AsyncIterable[bytes], *, max_size: int, accept: Acceptor | None = None,
+        expected_sha256: str | None = None,
     ) -> StoredContent: ...
     async def exists(self, sha256: str) -> bool: ...
     async def size(self, sha256: str) -> int: ...
@@ -68,12 +69,15 @@ class LocalContentStore:
         return self._objects / sha256[:2] / sha256
 
     async def put(
-        self, chunks: AsyncIterable[bytes], *, max_size: int, accept: Acceptor | None = None
+        self, chunks: AsyncIterable[bytes], *, max_size: int, accept: Acceptor | None = None,
+        expected_sha256: str | None = None,
     ) -> StoredContent:
         """Stream ``chunks`` into the store. ``accept(head)`` runs after the last byte arrived and before anything
         is committed: whatever it raises aborts the write and leaves nothing behind (e.g. a media-type check).
+        ``expected_sha256``, if given, must be the digest of what arrived, or nothing is kept.
 
         Raises:
+            DigestMismatch: the bytes are not the ones the sender hashed (changed or corrupted on the way).
             PayloadTooLarge: more than ``max_size`` bytes arrived (nothing is kept).
             UploadInterrupted: the source of ``chunks`` failed (e.g. the client disconnected); nothing is kept.
             StoreUnavailable: the disk failed (full, read-only, …).
@@ -91,6 +95,11 @@ class LocalContentStore:
                         head += chunk[: HEAD_BYTES - len(head)]
                     digest.update(chunk)
                     await asyncio.to_thread(out.write, chunk)
+                if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+                    raise DigestMismatch(
+                        f"the file received has SHA-256 {digest.hexdigest()}, the sender announced {expected_sha256}",
+                        received=digest.hexdigest(), announced=expected_sha256,
+                    )
                 if accept is not None:
                     accept(bytes(head))
                 await asyncio.to_thread(_flush_and_sync, out)
@@ -139,6 +148,12 @@ class LocalContentStore:
                 yield chunk
         finally:
             handle.close()
+
+
+class DigestMismatch(InputError):
+    http_status = 422
+    title = "Content digest mismatch"
+    type_slug = "digest-mismatch"
 
 
 class UploadInterrupted(InputError):

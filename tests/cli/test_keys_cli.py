@@ -42,10 +42,12 @@ async def test_register_then_revoke_is_what_a_receiver_sees(
     common = ["--anchor-key", str(tmp_path / "anchor.key"), "--public-key", str(tmp_path / "group.pub.pem"),
               "--org", "Documentation group"]  # fmt: skip
     assert await evhub("keys", "register", *common) == 0
-    with pytest.raises(ValidationFailed, match="TOPIC=N"):
-        await evhub("keys", "revoke", *common, "--revision", "2", "--last-valid", "evidence.DE")
-    assert await evhub("keys", "revoke", *common, "--revision", "2", "--last-valid", "evidence.DE=10",
-                       "--last-valid", "evidence.FR=3") == 0  # fmt: skip
+    for bad in ("evidence.DE", "DE=5", "evidence.de=5", "evidence.DE=-1"):
+        with pytest.raises(ValidationFailed, match="TOPIC=N"):
+            await evhub("keys", "revoke", *common, "--last-valid", bad)
+    # no --revision: the next one after what hub.keys holds (a stale revision would be ignored by every receiver)
+    cut_offs = ["--last-valid", "evidence.DE=10", "--last-valid", "evidence.FR=3"]
+    assert await evhub("keys", "revoke", *common, *cut_offs) == 0
 
     codec = AvroCodec.load()
     registry = KeyRegistry(codec, anchors=[PublicKey.from_pem((tmp_path / "anchor.pub.pem").read_bytes())])

@@ -197,3 +197,15 @@ async def test_kafka_not_acknowledging_a_jurisdiction_is_a_503_naming_it_and_a_r
         assert again["event_id"] == body["event_id"]
     for j in api.stack.jurisdictions:
         assert len(await read_to_end(api.stack.bootstrap, api.stack.topic(j))) == 1
+
+
+@pytest.mark.parametrize(
+    ("header", "slug"),
+    [("sha-256=:" + "A" * 43 + "=:", "digest-mismatch"), ("md5=:abc:", "validation")],
+    ids=["other-bytes", "malformed"],
+)
+async def test_an_announced_digest_that_does_not_match_keeps_nothing(api: Api, header: str, slug: str) -> None:
+    status, body = await _post(api, metadata("SDG-DIGEST", api.stack.jurisdictions), png(), **{"Repr-Digest": header})
+    assert status == 422
+    assert body["type"].endswith(slug)
+    assert _stored_files(api) == []
