@@ -7,6 +7,8 @@ Routes (all errors are RFC 9457 problem+json):
     GET  /v1/evidence/{item_id}                versions, deliveries, withdrawal
     GET  /healthz
 A repeated request (same ``Idempotency-Key``) answers 200 with the original result and ``Idempotent-Replayed``.
+Corrections require an ``Idempotency-Key``. An optional ``Repr-Digest: sha-256=:…:`` (RFC 9530) makes the service
+refuse a file whose bytes are not the ones the client hashed.
 
 Owns: reading the upload as a stream (metadata validated before a file byte is stored; the file hashed and
 checked against its declared media type before it is committed), composing the service in :func:`create_app`,
