@@ -98,7 +98,10 @@ async def run_demo(args: argparse.Namespace) -> int:
         finally:
             await producer.stop()
         pack = load_pack(POLICY_PACK)
-        signed = sign(pack.version(author="demo policy admin", effective_from=datetime.now(UTC)), admin)
+        # Whole seconds: decisions are taken at whole seconds, so a version effective at 12:00:00.6 would not be
+        # in force at 12:00:00.9 — and the demo decides within a second or two of pushing.
+        effective = datetime.now(UTC).replace(microsecond=0)
+        signed = sign(pack.version(author="demo policy admin", effective_from=effective), admin)
         await publish_version(bootstrap, signed)
         out.print(f"publisher key registered on {KEYS_TOPIC}; policy version {signed.content_hash[:16]}… "
                   f"({len(pack.offices)} offices) pushed to hub.policy")  # fmt: skip

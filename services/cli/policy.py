@@ -138,7 +138,9 @@ async def run_push(args: argparse.Namespace) -> int:
         key = SigningKey.from_pem(args.key.read_bytes())
     except OSError as exc:
         raise ConfigurationError(f"cannot read {args.key}: {exc.strerror}") from exc
-    version = pack.version(author=args.author, effective_from=args.effective_from or datetime.now(UTC))
+    # Decisions are taken at whole seconds: "now" rounded down takes effect at once, not up to a second later.
+    effective = args.effective_from or datetime.now(UTC).replace(microsecond=0)
+    version = pack.version(author=args.author, effective_from=effective)
     signed = sign(version, key)
     await ensure_policy_topic(_bootstrap(), args.topic)
     store = await _store(args, key.public)
