@@ -167,7 +167,7 @@ class PolicyEngine:
         """May ``office_id`` do ``action`` to ``item`` at ``at`` (for ``purpose``)? Unknown office, action or
         no version in force → deny. A naive ``at`` raises ValidationFailed (a caller bug, not a denial)."""
         now = _second(at)
-        compiled = self.store.in_force(now)
+        compiled = self.store.in_force(at)  # the exact moment picks the version; Cedar sees whole seconds
         key_item = item.policy_key() if isinstance(item, ItemAttributes) else ("feed", item.jurisdiction)
         key = (None if compiled is None else compiled.content_hash, office_id, action, key_item, purpose,
                _time_key(compiled, item, now))  # fmt: skip
@@ -188,14 +188,14 @@ class PolicyEngine:
     ) -> Decision:
         """``decide`` without the cache: the parse-once Cedar handles, evaluated every call."""
         now = _second(at)
-        return _evaluate(self.store.in_force(now), office_id, action, item, now, purpose)
+        return _evaluate(self.store.in_force(at), office_id, action, item, now, purpose)
 
     def decide_parse_every_call(
         self, office_id: str, action: str, item: Resource, at: datetime, purpose: str | None = None
     ) -> Decision:
         """The naive baseline: hand Cedar the policy, schema and entity text on every call (benchmarks only)."""
         now = _second(at)
-        return _evaluate(self.store.in_force(now), office_id, action, item, now, purpose, parse_every_call=True)
+        return _evaluate(self.store.in_force(at), office_id, action, item, now, purpose, parse_every_call=True)
 
     def cache_info(self) -> CacheInfo:
         return CacheInfo(hits=self._hits, misses=self._misses, size=len(self._cache), maxsize=self._maxsize)

@@ -8,7 +8,8 @@ import pytest
 
 from services.policy.engine import PolicyEngine, PolicyStore
 from services.policy.model import ItemAttributes
-from services.policy.version import trusted_keys
+from services.policy.pack import PolicyPack
+from services.policy.version import sign, trusted_keys
 from services.shared.errors import ValidationFailed
 from services.shared.keys import SigningKey
 
@@ -98,3 +99,13 @@ def test_with_no_valid_policy_everything_is_denied() -> None:
 def test_a_naive_time_is_a_caller_bug(engine: PolicyEngine) -> None:
     with pytest.raises(ValidationFailed):
         engine.decide("DE-GBA-WCU", "ReadItem", _item(), datetime(2026, 1, 1))
+
+
+def test_a_version_is_in_force_from_its_exact_moment_not_the_next_whole_second(
+    pack: PolicyPack, admin_key: SigningKey
+) -> None:
+    effective = datetime(2026, 5, 1, 9, 0, 0, 600_000, tzinfo=UTC)
+    store = PolicyStore(trusted=trusted_keys([admin_key.public]))
+    version = store.accept(sign(pack.version(author="board", effective_from=effective), admin_key))
+    decision = PolicyEngine(store).decide("DE-GBA-WCU", "ReadItem", _item(), effective + timedelta(milliseconds=300))
+    assert decision.policy_version == version.content_hash, "0.3 s after it took effect, within the same second"
