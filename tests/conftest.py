@@ -6,9 +6,14 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from services.shared.cluster import KafkaTarget, kafka_cluster
 from services.shared.settings import KafkaSettings
+
+# Shared, noisy machines: a property is about what is accepted, never about how fast one example runs.
+settings.register_profile("evhub", deadline=None)
+settings.load_profile("evhub")
 
 pytest_plugins = ["tests.publishing_stack"]  # the `stack` and `codec` fixtures, shared by several folders
 
