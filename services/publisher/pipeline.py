@@ -171,16 +171,12 @@ class EvidencePublisher:
         operation = "correct" if correction_of else "publish"
         # The operation is part of what a key stands for: a publish's key reused for a correction is a conflict.
         fingerprint = f"{operation}:{core.request_fingerprint(meta, content.sha256)}"
-        # Without a key, a publication is identified by its item id and content digest. Client keys have their own
-        # namespace, so no key a client picks can collide with a derived one.
-        key = f"client:{idempotency_key}" if idempotency_key else f"publish:{meta.item_id}:{content.sha256}"
-        reused = (
-            "this Idempotency-Key was already used for a different request" if idempotency_key else
-            f"item {meta.item_id} was already published with this file and other metadata; send a correction"
+        # Without a key, a publication is identified by its item id and content digest.
+        key, reused = _idempotency(
+            idempotency_key, f"publish:{meta.item_id}:{content.sha256}",
+            f"item {meta.item_id} was already published with this file and other metadata; send a correction",
         )  # fmt: skip
-        now = self.clock()
-        if self.registry is not None:
-            self.registry.check_can_sign(self.signer.key_id, now, organisation=self.organisation)
+        now = self._may_sign()
         random = self.entropy(16 * (len(meta.protected) + 1))
         event_id = str(uuid.UUID(bytes=random[:16], version=4))
         salts = [random[16 * (i + 1) : 16 * (i + 2)] for i in range(len(meta.protected))]
@@ -233,15 +229,9 @@ class EvidencePublisher:
 
         Raises: NotFound (unknown item), Conflict (already withdrawn, or key reused), PartialDelivery.
         """
-        key = f"client:{idempotency_key}" if idempotency_key else f"withdraw:{item_id}"
+        key, reused = _idempotency(idempotency_key, f"withdraw:{item_id}", f"item {item_id} is already withdrawn")
         fingerprint = hashlib.sha256(f"withdraw\0{item_id}\0{reason}".encode()).hexdigest()
-        reused = (
-            "this Idempotency-Key was already used for a different request" if idempotency_key else
-            f"item {item_id} is already withdrawn"
-        )  # fmt: skip
-        now = self.clock()
-        if self.registry is not None:
-            self.registry.check_can_sign(self.signer.key_id, now, organisation=self.organisation)
+        now = self._may_sign()
         event_id = str(uuid.UUID(bytes=self.entropy(16), version=4))
 
         def unit(conn: sqlite3.Connection) -> tuple[str, int, bool]:
@@ -267,6 +257,17 @@ class EvidencePublisher:
 
         eid, version, replayed, rows = await self.committer.run(_with_outbox(unit))
         return await self._deliver_event("withdraw", eid, item_id, version, replayed, rows, None)
+
+    def _may_sign(self) -> datetime:
+        """Now, if receivers would accept a signature made now by this publisher's key.
+
+        Raises:
+            UntrustedKey: unknown, revoked, expired, or registered for another organisation.
+        """
+        now = self.clock()
+        if self.registry is not None:
+            self.registry.check_can_sign(self.signer.key_id, now, organisation=self.organisation)
+        return now
 
     def _stage(self, conn: sqlite3.Connection, event_id: str, schema: str, records: dict[str, dict[str, Any]],
                case_id: str, disclosures: list[str]) -> None:  # fmt: skip
@@ -407,6 +408,14 @@ def _with_outbox(
         return event_id, version, replayed, state.outbox(conn, event_id)
 
     return both
+
+
+def _idempotency(client_key: str | None, derived_key: str, derived_conflict: str) -> tuple[str, str]:
+    """The stored key and the conflict message for a request. Client keys have their own namespace, so no key a
+    client picks can collide with one derived from the request."""
+    if client_key:
+        return f"client:{client_key}", "this Idempotency-Key was already used for a different request"
+    return derived_key, derived_conflict
 
 
 def _replay(conn: sqlite3.Connection, key: str, fingerprint: str, reused: str) -> tuple[str, int, bool] | None:

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
-from services.shared.errors import InputError, NotFound, PayloadTooLarge, StoreUnavailable, ValidationFailed
+from services.shared.errors import (
+    DigestMismatch,
+    NotFound,
+    PayloadTooLarge,
+    StoreUnavailable,
+    UploadInterrupted,
+    ValidationFailed,
+)
 from services.shared.media import HEAD_BYTES
 
 CHUNK: Final = 1 << 20
@@ -148,17 +155,6 @@ class LocalContentStore:
                 yield chunk
         finally:
             handle.close()
-
-
-class DigestMismatch(InputError):
-    http_status = 422
-    title = "Content digest mismatch"
-    type_slug = "digest-mismatch"
-
-
-class UploadInterrupted(InputError):
-    title = "Upload interrupted"
-    type_slug = "upload-interrupted"
 
 
 async def _from_client(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any, Final, Protocol
 
 from services.shared.avro import AvroCodec
-from services.shared.errors import DecodeError, InvalidSignature, TrustError, UntrustedKey
+from services.shared.errors import DecodeError, InvalidSignature, ReplayDetected, TrustError, UntrustedKey
 from services.shared.keys import PublicKey, SigningKey
 
 log = logging.getLogger(__name__)
@@ -142,11 +142,6 @@ def open_envelope(codec: AvroCodec, data: bytes, *, topic: str, keys: KeyResolve
             raise InvalidSignature("invalid signature")  # signed for this topic, but says another jurisdiction
         return Verified(payload_type, schema, record, key_id, sequence, tuple(raw["disclosures"]))
     raise problem
-
-
-class ReplayDetected(TrustError):
-    title = "Replayed event"
-    type_slug = "replay"
 
 
 class SequenceTracker:

@@ -6,11 +6,14 @@
     │   ├── PayloadTooLarge          over a configured size limit (413)
     │   ├── UnsupportedMediaType     bytes don't match the declared type (415)
     │   ├── Forbidden                authenticated, but not allowed (403)
+    │   ├── DigestMismatch           bytes differ from the digest the sender announced (422)
+    │   ├── UploadInterrupted        the client's upload stopped before its end (400)
     │   ├── NotFound                 no such item / version (404)
     │   └── Conflict                 an idempotency or append race (409)
     ├── TrustError                   a signature, key or envelope can't be trusted (one opaque message)
     │   ├── InvalidSignature         any way a signature can be wrong (422 at the edge)
-    │   └── UntrustedKey             unknown, expired, revoked or weak key
+    │   ├── UntrustedKey             unknown, expired, revoked or weak key
+    │   └── ReplayDetected           a sequence number reused by a different envelope
     ├── DecodeError                  untrusted bytes failed bounded decoding (Avro, cursor, …) (422)
     ├── PolicyError                  a policy version failed to parse, validate or verify (422)
     ├── InfrastructureError          a dependency failed                        → 503, retriable
@@ -64,6 +67,17 @@ class UnsupportedMediaType(InputError):
     type_slug = "media-type"
 
 
+class DigestMismatch(InputError):
+    http_status = 422
+    title = "Content digest mismatch"
+    type_slug = "digest-mismatch"
+
+
+class UploadInterrupted(InputError):
+    title = "Upload interrupted"
+    type_slug = "upload-interrupted"
+
+
 class Forbidden(InputError):
     http_status = 403
     title = "Forbidden"
@@ -96,6 +110,11 @@ class InvalidSignature(TrustError):
 class UntrustedKey(TrustError):
     title = "Untrusted key"
     type_slug = "untrusted-key"
+
+
+class ReplayDetected(TrustError):
+    title = "Replayed event"
+    type_slug = "replay"
 
 
 class DecodeError(EvidenceHubError):

@@ -16,8 +16,8 @@ import pytest
 from services.publisher import state
 from services.publisher.core import parse_metadata
 from services.publisher.pipeline import ContentInfo, PartialDelivery
-from services.shared.content import DigestMismatch, LocalContentStore
-from services.shared.errors import Conflict, StoreUnavailable
+from services.shared.content import LocalContentStore
+from services.shared.errors import Conflict, DigestMismatch, StoreUnavailable
 from services.shared.kafka import TopicSpec, ensure_topics, read_to_end
 from services.shared.media import sniff
 from services.shared.registry import issue

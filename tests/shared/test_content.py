@@ -11,7 +11,7 @@ from typing import Final
 import pytest
 
 from services.shared.content import LocalContentStore, check_digest
-from services.shared.errors import NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from services.shared.errors import NotFound, PayloadTooLarge, UnsupportedMediaType, UploadInterrupted, ValidationFailed
 from services.shared.media import HEAD_BYTES
 
 MIB: Final = 1 << 20
@@ -172,8 +172,6 @@ async def test_digests_with_path_characters_are_refused(tmp_path: Path, digest: 
 
 
 async def test_a_client_that_disconnects_mid_upload_is_not_a_store_failure_and_leaves_nothing(tmp_path: Path) -> None:
-    from services.shared.content import UploadInterrupted
-
     store = LocalContentStore(tmp_path / "store")
 
     async def broken() -> AsyncIterator[bytes]:

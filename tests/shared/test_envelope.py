@@ -16,7 +16,6 @@ from services.shared.envelope import (
     ENVELOPE_SCHEMA,
     MAX_SIGNATURES,
     PAYLOAD_TYPES,
-    ReplayDetected,
     SequenceTracker,
     Verified,
     open_envelope,
@@ -28,6 +27,7 @@ from services.shared.errors import (
     EvidenceHubError,
     InvalidSignature,
     PayloadTooLarge,
+    ReplayDetected,
     TrustError,
     UntrustedKey,
 )
