@@ -40,7 +40,14 @@ def _compatible(reader: avro.schema.Schema, writer: avro.schema.Schema) -> bool:
 
 
 def test_the_contract_is_not_empty() -> None:
-    assert set(CURRENT) == {"evidence_event", "evidence_withdrawal", "key_record", "signed_envelope"}
+    assert set(CURRENT) == {
+        "audit_batch",
+        "audit_entry",
+        "evidence_event",
+        "evidence_withdrawal",
+        "key_record",
+        "signed_envelope",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(CURRENT))
