@@ -17,6 +17,7 @@ PURE = [
     "services/shared/media.py",
     "services/shared/registry.py",
     "services/shared/envelope.py",
+    "services/shared/audit_records.py",
     "services/policy/attributes.py",
 ]
 FORBIDDEN = {"asyncio", "aiohttp", "aiokafka", "os", "time", "socket", "subprocess", "sqlite3", "random", "secrets"}
