@@ -152,6 +152,16 @@ class TopicFollower:
             return None
         return max(0.0, self._clock() - self._fresh_at)
 
+    async def confirmed_after(self, moment: float, *, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until the follower has confirmed holding every record appended before
+        ``moment`` (a ``clock`` reading). True if it has; False on timeout."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._fresh_at is None or self._fresh_at <= moment:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     def check_fresh(self, max_age_s: float) -> None:
         """Raises: StaleView before the replay has caught up, or when the view is older than ``max_age_s``."""
         age = self.age()
