@@ -45,7 +45,7 @@ from services.gateway.store import GatewayStore, IndexedRecord
 from services.policy.model import READ_CONTENT, READ_FEED, READ_ITEM, FeedRef, ItemAttributes
 from services.policy.state import PolicyState
 from services.shared.avro import AvroCodec
-from services.shared.errors import Forbidden, InvalidCursor, NotFound, UntrustedKey
+from services.shared.errors import Forbidden, InfrastructureError, InvalidCursor, NotFound, UntrustedKey
 from services.shared.follower import TopicFollower
 from services.shared.registry import KeyRegistry
 
@@ -98,12 +98,16 @@ class Gateway:
     new_id: NewId
     instance: str
     max_view_age_s: float
+    failures: list[str] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=lambda: {"untrusted_at_release": 0})
 
     # --- preconditions -------------------------------------------------------------------------------------------
 
     def check_ready(self) -> None:
-        """Raises: StaleView / InfrastructureError while the view of hub.keys or hub.policy is too old."""
+        """Raises: StaleView / InfrastructureError while the view of hub.keys or hub.policy is too old, or after a
+        background task (a follower, a reader) failed."""
+        if self.failures:
+            raise InfrastructureError("the gateway is failing: " + "; ".join(self.failures))
         self.keys_follower.check_fresh(self.max_view_age_s)
         self.policy.ready(max_age_s=self.max_view_age_s)
 

@@ -1,0 +1,67 @@
+"""``python -m services.gateway``: build the settings once, configure logging once, serve mTLS until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+
+from aiohttp import web
+
+from services.gateway.service import CRASHED, create_app
+from services.gateway.settings import GatewaySettings
+from services.shared.errors import ConfigurationError, EvidenceHubError
+from services.shared.tls import server_context
+
+
+async def serve(settings: GatewaySettings) -> int:
+    """Serve until SIGTERM or SIGINT (0), or until a background task fails (1).
+
+    Raises:
+        ConfigurationError: no Kafka cluster, no TLS files, no trust anchor, policy-admin key or cursor key.
+    """
+    bootstrap = settings.kafka.bootstrap
+    if not bootstrap:
+        raise ConfigurationError("EVHUB_KAFKA_BOOTSTRAP is required: the gateway reads the evidence topics from it")
+    files = settings.tls_files()
+    app = create_app(settings, bootstrap=bootstrap)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        context = server_context(files, minimum_version=ssl.TLSVersion.TLSv1_3)
+        await web.TCPSite(runner, settings.host, settings.port, ssl_context=context).start()
+        logging.getLogger("services.gateway").info("gateway %s on https://%s:%d (Kafka %s)", settings.instance,
+                                                   settings.host, settings.port, bootstrap)  # fmt: skip
+        stopped, crashed = asyncio.create_task(stop.wait()), asyncio.create_task(app[CRASHED].wait())
+        await asyncio.wait([stopped, crashed], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        crashed.cancel()
+        return 1 if app[CRASHED].is_set() else 0
+    finally:
+        await runner.cleanup()
+
+
+def main() -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    try:
+        return asyncio.run(serve(GatewaySettings()))
+    except EvidenceHubError as exc:
+        print(f"gateway: {exc.detail}", file=sys.stderr)
+        return 5 if exc.http_status == 500 else 4
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
