@@ -28,7 +28,8 @@ from services.policy.pack import SAMPLE_PACK, load_pack
 from services.policy.version import sign
 from services.publisher.core import parse_metadata
 from services.publisher.pipeline import ContentInfo, PublishResult
-from services.shared.kafka import ensure_topics, make_producer
+from services.shared.audit_records import decode_batch, decode_entry
+from services.shared.kafka import ensure_topics, make_producer, read_to_end
 from services.shared.keys import SigningKey
 from services.shared.media import sniff
 from services.shared.principals import principal_uri
@@ -170,3 +171,22 @@ async def hub(stack: Stack, tmp_path: Path) -> AsyncIterator[Hub]:
         yield hub
     finally:
         await hub.stop()
+
+
+@dataclass(frozen=True)
+class Audited:
+    offset: int
+    index: int
+    timestamp_ms: int
+    entry: dict[str, Any]
+
+
+async def audit_log(hub: Hub) -> dict[str, Audited]:
+    """Every entry on the test's audit topic, by entry id (the receipt), with where it is."""
+    out = {}
+    for record in await read_to_end(hub.stack.bootstrap, hub.settings.audit_topic):
+        _, _, entries = decode_batch(hub.stack.codec, record.value)
+        for index, data in enumerate(entries):
+            entry = decode_entry(hub.stack.codec, data)
+            out[entry["entry_id"]] = Audited(record.offset, index, record.timestamp, entry)
+    return out
