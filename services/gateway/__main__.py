@@ -27,7 +27,8 @@ async def serve(settings: GatewaySettings) -> int:
         raise ConfigurationError("EVHUB_KAFKA_BOOTSTRAP is required: the gateway reads the evidence topics from it")
     files = settings.tls_files()
     app = create_app(settings, bootstrap=bootstrap)
-    runner = web.AppRunner(app)
+    # A client that goes away cancels its long poll or stream at once; a stop waits at most 10 s for handlers.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=10)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -135,7 +135,7 @@ async def feed(request: web.Request) -> web.StreamResponse:
     who, jurisdiction = requester(request), _jurisdiction(request)
     limit = _int(request, "max", settings.default_batch, 1, settings.max_batch)
     wait_s = _seconds(request, "wait", settings.max_wait_s)
-    cursor = gateway.cursor(request.query.get("cursor"), office=who.principal.name, jurisdiction=jurisdiction)
+    cursor = gateway.cursor(request.query.get("cursor") or None, office=who.principal.name, jurisdiction=jurisdiction)
     page = await gateway.feed(who, jurisdiction, cursor, limit=limit, wait_s=wait_s)
     body = {"jurisdiction": jurisdiction, "events": page.events, "cursor": page.cursor, "caught_up": page.caught_up}
     return web.json_response(body, headers={"Cache-Control": "no-store"})
@@ -147,17 +147,15 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
     gateway, settings = request.app[GATEWAY], request.app[SETTINGS]
     who, jurisdiction = requester(request), _jurisdiction(request)
     limit = _int(request, "max", settings.default_batch, 1, settings.max_batch)
-    text = request.headers.get("Last-Event-ID") or request.query.get("cursor")
+    text = request.headers.get("Last-Event-ID") or request.query.get("cursor") or None
     cursor = gateway.cursor(text, office=who.principal.name, jurisdiction=jurisdiction)
-    gateway.check_ready()
-    await gateway.authorize_feed(who, jurisdiction, datetime.now(UTC))
+    page = await gateway.feed(who, jurisdiction, cursor, limit=limit)  # refusals are still HTTP statuses here
     response = EventSourceResponse(ping_interval=settings.sse_ping_s, send_timeout=settings.sse_send_timeout_s,
                                    headers={"Cache-Control": "no-store"})  # fmt: skip
     await response.prepare(request)
     office = who.principal.name
     try:
         while True:
-            page = await gateway.feed(who, jurisdiction, cursor, limit=limit, wait_s=settings.sse_ping_s)
             frames = b"".join(sse.frame(e["type"], e, event_id=e["cursor"]) for e in page.events)
             following = gateway.cursor(page.cursor, office=office, jurisdiction=jurisdiction)
             if not page.events and following.positions != cursor.positions:  # passed only rejected records
@@ -166,6 +164,7 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
             if frames:
                 async with asyncio.timeout(settings.sse_send_timeout_s):  # a stalled client is dropped
                     await response.write(frames)
+            page = await gateway.feed(who, jurisdiction, cursor, limit=limit, wait_s=settings.sse_ping_s)
     except EvidenceHubError as exc:
         body = {"type": "error", "status": exc.http_status, "title": exc.title, "detail": exc.detail}
         if exc.retriable:

@@ -24,11 +24,13 @@ from aiohttp import web
 
 from services.gateway.service import create_app, gateway_topics
 from services.gateway.settings import GatewaySettings
+from services.policy.model import Office
 from services.policy.pack import SAMPLE_PACK, load_pack
 from services.policy.version import sign
 from services.publisher.core import parse_metadata
 from services.publisher.pipeline import ContentInfo, PublishResult
 from services.shared.audit_records import decode_batch, decode_entry
+from services.shared.content import LocalContentStore
 from services.shared.kafka import ensure_topics, make_producer, read_to_end
 from services.shared.keys import SigningKey
 from services.shared.media import sniff
@@ -40,7 +42,26 @@ from tests.publisher.samples import metadata, png
 from tests.publishing_stack import Stack
 
 OFFICES = {"DE": "DE-GBA-WCU", "FR": "FR-PNAT", "SE": "SE-IPC"}
+#: A second office of the DE jurisdiction (added to the sample pack's offices): two offices on one feed.
+SECOND_DE = "DE-BKA"
 CASE = "CASE-SY-001"
+
+
+class CountingStore(LocalContentStore):
+    """The real content store, counting how often it is touched (to show a refusal never reaches it)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.touched = 0
+
+    async def size(self, sha256: str) -> int:
+        self.touched += 1
+        return await super().size(sha256)
+
+    async def read(self, sha256: str, *, offset: int = 0) -> AsyncIterator[bytes]:
+        self.touched += 1
+        async for chunk in super().read(sha256, offset=offset):
+            yield chunk
 
 
 @dataclass
@@ -52,6 +73,7 @@ class Hub:
     admin: SigningKey
     codes: dict[str, str]  # "DE" → "DE-1A2B3C"
     certs: dict[str, CertFiles]
+    content: CountingStore
     runner: web.AppRunner | None = None
 
     def session(self, who: str = "DE-GBA-WCU", **kw: Any) -> aiohttp.ClientSession:
@@ -87,8 +109,8 @@ class Hub:
     async def start(self, **overrides: Any) -> None:
         settings = self.settings.model_copy(update=overrides)
         app = create_app(settings, bootstrap=self.stack.bootstrap, anchors=[self.stack.anchor.public],
-                         admin_keys=[self.admin.public], content=self.stack.store)  # fmt: skip
-        self.runner = web.AppRunner(app)
+                         admin_keys=[self.admin.public], content=self.content)  # fmt: skip
+        self.runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5)
         await self.runner.setup()
         ctx = server_context(self.certs["gateway"], minimum_version=ssl.TLSVersion.TLSv1_3)
         port = int(self.url.rsplit(":", 1)[1]) if self.url else 0
@@ -133,7 +155,7 @@ class Hub:
 
 def pki_for(directory: Path) -> dict[str, CertFiles]:
     certs = {"gateway": issue_leaf(directory, "gateway")}
-    for office in OFFICES.values():
+    for office in (*OFFICES.values(), SECOND_DE):
         certs[office] = issue_leaf(directory, office, uris=(principal_uri("office", office),))
     certs["auditor"] = issue_leaf(directory, "auditor", uris=(principal_uri("auditor", "court-1"),))
     certs["nobody"] = issue_leaf(directory, "nobody")
@@ -154,8 +176,9 @@ async def hub(stack: Stack, tmp_path: Path) -> AsyncIterator[Hub]:
         cursor_keys={"k1": base64.urlsafe_b64encode(os.urandom(32)).decode()}, cursor_key_id="k1",
         audit_timeout_s=5, max_view_age_s=30, tail_records=64,
     )  # fmt: skip
+    content = CountingStore(stack.store.path_of("0" * 64).parents[2])  # the publisher's store, counted
     hub = Hub(stack=stack, url="", pki=tmp_path / "pki", settings=settings, admin=admin, codes=codes,
-              certs=pki_for(tmp_path / "pki"))  # fmt: skip
+              certs=pki_for(tmp_path / "pki"), content=content)  # fmt: skip
     await ensure_topics(stack.bootstrap, gateway_topics(settings))
     await hub.produce(settings.keys_topic, issue(stack.codec, stack.anchor, public_key=stack.signer.public,
                                                  organisation="Syrian documentation group",
@@ -163,6 +186,8 @@ async def hub(stack: Stack, tmp_path: Path) -> AsyncIterator[Hub]:
                       key=stack.signer.key_id.encode())  # fmt: skip
     pack = load_pack(SAMPLE_PACK)
     offices = tuple(o.model_copy(update={"jurisdiction": codes[o.jurisdiction]}) for o in pack.offices)
+    offices += (Office(office_id=SECOND_DE, jurisdiction=codes["DE"], clearances=("SECRET",), assigned_cases=(CASE,),
+                       purposes=("prosecution",)),)  # fmt: skip
     version = pack.version(author="test", effective_from=datetime(2025, 1, 1, tzinfo=UTC))
     signed = sign(version.model_copy(update={"offices": offices}), admin)
     await hub.produce(settings.policy_topic, signed.to_record(), key=signed.content_hash.encode())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import uuid
+from typing import Any
 
 import pytest
 
@@ -52,12 +53,16 @@ async def test_every_receipt_is_in_the_audit_log_at_the_offset_the_office_was_gi
         assert (audited.offset, audited.index) == (event["audit"]["offset"], event["audit"]["index"])
         assert event["audit"]["topic"] == hub.settings.audit_topic
         entry = audited.entry
-        assert entry["office"] == "SE-IPC" and entry["action"] == "ReadItem"
+        assert entry["office"] == "SE-IPC"
+        assert entry["action"] == "ReadItem"
         assert entry["item"]["offset"] == (event.get("offset", entry["item"]["offset"]))
-        assert entry["client_cert_sha256"] and entry["policy_version"]
+        assert entry["client_cert_sha256"]
+        assert entry["policy_version"]
     released, refused = (log[e["receipt"]].entry for e in se)
-    assert released["decision"] == "RELEASED" and released["withheld_fields"] == ["WITNESS_IDENTIFYING"]
-    assert refused["decision"] == "REFUSED" and refused["deny_source"] == "RULE"
+    assert released["decision"] == "RELEASED"
+    assert released["withheld_fields"] == ["WITNESS_IDENTIFYING"]
+    assert refused["decision"] == "REFUSED"
+    assert refused["deny_source"] == "RULE"
     assert refused["determining_policies"] == ["classification-secret"]
 
 
@@ -84,7 +89,7 @@ async def test_a_long_poll_waits_for_the_next_record_and_is_safe_to_retry(hub: H
     assert (status, body["events"]) == (200, [])
     await hub.publish("ITEM-1", countries=("DE",))
     status, body = await hub.page("DE", cursor=cursor, wait=20)
-    again_status, again = await hub.page("DE", cursor=cursor, wait=20)  # the same GET again: the same record
+    _again_status, again = await hub.page("DE", cursor=cursor, wait=20)  # the same GET again: the same record
     assert [e["event"]["item_id"] for e in body["events"]] == ["ITEM-1"]
     assert [e["event"]["item_id"] for e in again["events"]] == ["ITEM-1"]
     assert body["events"][0]["receipt"] != again["events"][0]["receipt"]  # each delivery is its own audited read
@@ -95,24 +100,26 @@ async def test_sse_streams_the_feed_and_resumes_from_last_event_id(hub: Hub) -> 
     await hub.publish("ITEM-1", countries=("DE",))
     headers = {"Accept": "text/event-stream"}
     async with hub.session() as s, s.get(hub.feed_url(), headers=headers) as r:
-        assert r.status == 200 and r.content_type == "text/event-stream"
+        assert r.status == 200
+        assert r.content_type == "text/event-stream"
         events = await _read_sse(r, 2)
     assert [e[0] for e in events] == ["event", "event"]
     await hub.publish("ITEM-2", countries=("DE",))
     async with hub.session() as s, s.get(hub.feed_url(), headers={**headers, "Last-Event-ID": events[0][1]}) as r:
         resumed = await _read_sse(r, 2)
     got = sorted(e[2]["event"]["item_id"] for e in resumed)
-    assert "ITEM-2" in got and len(got) == 2
+    assert "ITEM-2" in got
+    assert len(got) == 2
 
 
-async def _read_sse(response: object, n: int) -> list[tuple[str, str, dict[str, object]]]:
+async def _read_sse(response: object, n: int) -> list[tuple[str, str, dict[str, Any]]]:
     import asyncio
     import json
 
     from aiohttp import ClientResponse
 
     assert isinstance(response, ClientResponse)
-    out: list[tuple[str, str, dict[str, object]]] = []
+    out: list[tuple[str, str, dict[str, Any]]] = []
     fields: dict[str, str] = {}
     async with asyncio.timeout(30):
         while len(out) < n:
@@ -135,7 +142,9 @@ async def test_items_api_returns_the_latest_version_with_its_history(hub: Hub) -
         assert r.status == 200
         body = await r.json()
     assert body["latest"]["event"]["item_id"] == "ITEM-V"
-    assert body["jurisdiction"] == hub.codes["DE"] and body["withdrawn"] is False
+    assert body["jurisdiction"] == hub.codes["DE"]
+    assert body["withdrawn"] is False
     assert [h["type"] for h in body["history"]] == ["event"]
     async with hub.session("SE-IPC") as s, s.get(f"{hub.url}/v1/items/{uuid.uuid4().hex}") as r:
-        assert r.status == 404 and r.content_type == "application/problem+json"
+        assert r.status == 404
+        assert r.content_type == "application/problem+json"
