@@ -9,6 +9,7 @@ import ssl
 import sys
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from services.gateway.service import CRASHED, create_app
 from services.gateway.settings import GatewaySettings
@@ -56,7 +57,13 @@ def main() -> int:
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
-        return asyncio.run(serve(GatewaySettings()))
+        settings = GatewaySettings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"gateway: invalid settings (EVHUB_GATEWAY_*): {problems}", file=sys.stderr)
+        return 5
+    try:
+        return asyncio.run(serve(settings))
     except EvidenceHubError as exc:
         print(f"gateway: {exc.detail}", file=sys.stderr)
         return 5 if exc.http_status == 500 else 4
