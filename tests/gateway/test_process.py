@@ -77,7 +77,9 @@ async def test_an_office_resumes_after_the_gateway_is_killed_with_no_gap_and_no_
     async def follow(session: aiohttp.ClientSession, pages: int | None) -> None:
         nonlocal cursor
         n = 0
+        deadline = time.monotonic() + 120
         while pages is None or n < pages:
+            assert time.monotonic() < deadline, f"the feed did not reach every record: {len(events)} events"
             body, at = await _page(session, feed, cursor)
             for event in body["events"]:
                 received[event["receipt"]] = at
