@@ -171,7 +171,11 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
             body["retry_after"] = settings.retry_after_s
         with contextlib.suppress(Exception):
             await response.write(sse.frame("error", body))
-    except (ConnectionResetError, TimeoutError, RuntimeError) as exc:  # gone, stalled, or written after EOF
+    except TimeoutError:  # the client stopped reading: drop it (it resumes from its Last-Event-ID)
+        log.info("SSE subscriber %s on %s too slow; disconnected", office, jurisdiction)
+        if request.transport is not None:
+            request.transport.abort()
+    except (ConnectionResetError, RuntimeError) as exc:  # gone, or written after EOF
         log.info("SSE subscriber %s on %s dropped: %r", office, jurisdiction, exc)
     finally:
         with contextlib.suppress(Exception):
