@@ -181,9 +181,12 @@ async def _decide(out: Console, codec: AvroCodec, bootstrap: str, admin: Signing
     now = datetime.now(UTC)
     for j, office in OFFICES.items():
         topic = evidence_topic(j)
-        for r in (await read_to_end(bootstrap, topic))[:shown]:
-            event = open_envelope(codec, r.value or b"", topic=topic, keys=registry).record
-            d = engine.decide(office, READ_ITEM, item_attributes(event), now, purpose="prosecution")
+        opened = [open_envelope(codec, r.value or b"", topic=topic, keys=registry)
+                  for r in await read_to_end(bootstrap, topic)]  # fmt: skip
+        withdrawn = {v.record["item_id"] for v in opened if v.schema == "evidence_withdrawal"}
+        for event in [v.record for v in opened if v.schema == "evidence_event"][:shown]:
+            attributes = item_attributes(event, withdrawn=event["item_id"] in withdrawn)
+            d = engine.decide(office, READ_ITEM, attributes, now, purpose="prosecution")
             verdict = "[green]allow[/green]" if d.allowed else "[red]deny[/red]"
             withheld = ("(not released)" if not d.allowed else ", ".join(d.withheld_fields)) or "-"
             why = ", ".join(d.determining_policies) or "default deny"

@@ -31,6 +31,7 @@ from services.policy.model import (
     Decision,
     FeedRef,
     ItemAttributes,
+    ProtectedLabel,
     protected_action,
 )
 from services.policy.version import SignedPolicyVersion, from_record
@@ -205,11 +206,26 @@ class PolicyEngine:
         self._hits = self._misses = 0
 
 
+def _decided_labels(action: str, item: Resource) -> tuple[ProtectedLabel, ...]:
+    """The protected labels on ``item`` that deciding ``action`` decides: every decidable one for ``ReadItem`` /
+    ``ReadContent``, the action's own label for ``ReadProtected_<LABEL>``, none otherwise."""
+    if not isinstance(item, ItemAttributes):
+        return ()
+    present = tuple(dict.fromkeys(item.protected_fields))
+    if action in REDACTING_ACTIONS:
+        return present
+    return tuple(label for label in present if protected_action(label) == action)
+
+
 def _evaluate(
     compiled: CompiledPolicy | None, office_id: str, action: str, item: Resource, now: datetime,
     purpose: str | None, *, parse_every_call: bool = False,
 ) -> Decision:  # fmt: skip
-    everything = item.protected_fields if isinstance(item, ItemAttributes) else ()
+    undecidable: tuple[str, ...] = ()
+    everything: tuple[str, ...] = ()
+    if isinstance(item, ItemAttributes):
+        undecidable = tuple(dict.fromkeys(item.undecidable_fields))
+        everything = (*dict.fromkeys(item.protected_fields), *undecidable)
     if compiled is None:
         return Decision.deny(f"no valid policy version in force at {now.isoformat()}").model_copy(
             update={"withheld_fields": everything}
@@ -221,8 +237,10 @@ def _evaluate(
     if action not in ACTIONS:
         return Decision(allowed=False, withheld_fields=everything, policy_version=version,
                         reasons=(f"unknown action {action!r}",))  # fmt: skip
-    labels = tuple(dict.fromkeys(everything)) if action in REDACTING_ACTIONS else ()
-    requests = [request(office_id, a, item, now, purpose) for a in (action, *map(protected_action, labels))]
+    decided = _decided_labels(action, item)
+    # ReadItem/ReadContent decide each label with a request of its own; ReadProtected_<LABEL> is that request.
+    per_label = decided if action in REDACTING_ACTIONS else ()
+    requests = [request(office_id, a, item, now, purpose) for a in (action, *map(protected_action, per_label))]
     if parse_every_call:
         text = compiled.version
         entities = json.dumps([*map(office_entity, text.offices), resource_entity(item)])
@@ -238,11 +256,16 @@ def _evaluate(
         return Decision(allowed=False, withheld_fields=everything, policy_version=version,
                         determining_policies=determining, reasons=(why,), errors=errors)  # fmt: skip
     reasons = [f"allowed by {', '.join(determining)}"]
-    withheld: list[str] = []
-    for label, result in zip(labels, fields, strict=True):
-        if not result.allowed:
-            withheld.append(label)
-            by = _ids(compiled, result.diagnostics.reasons)
-            reasons.append(f"{label} withheld: " + (f"by {', '.join(by)}" if by else "no policy permits it"))
-    return Decision(allowed=True, withheld_fields=tuple(withheld), policy_version=version,
-                    determining_policies=determining, reasons=tuple(reasons), errors=errors)  # fmt: skip
+    disclosed: list[str] = [] if per_label else list(decided)
+    for label, result in zip(per_label, fields, strict=True):
+        if result.allowed:
+            disclosed.append(label)
+            continue
+        by = _ids(compiled, result.diagnostics.reasons)
+        reasons.append(f"{label} withheld: " + (f"by {', '.join(by)}" if by else "no policy permits it"))
+    if undecidable:
+        reasons.append(f"{', '.join(undecidable)} withheld: no policy decides these labels")
+    withheld = tuple(label for label in everything if label not in disclosed)
+    return Decision(allowed=True, withheld_fields=withheld, disclosed_fields=tuple(disclosed),
+                    policy_version=version, determining_policies=determining, reasons=tuple(reasons),
+                    errors=errors)  # fmt: skip

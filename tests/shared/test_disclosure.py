@@ -93,12 +93,21 @@ def test_any_single_character_change_is_refused(index: int, char: str) -> None:
         disclosure.reveal([changed], SIGNED)
 
 
-def test_visible_drops_withheld_labels_and_unknown_digests() -> None:
+def test_visible_forwards_only_allowed_labels_and_drops_unknown_digests() -> None:
     offered = [WITNESS.encoded, "forged", OTHER_ITEM.encoded, LOCATION.encoded, "é", VICTIM.encoded]
-    assert disclosure.visible(offered, SIGNED, withheld={"WITNESS_IDENTIFYING", "VICTIM_IDENTIFYING"}) == [
-        LOCATION.encoded
-    ]
-    assert disclosure.visible(offered, SIGNED, withheld=()) == [WITNESS.encoded, LOCATION.encoded, VICTIM.encoded]
+    assert disclosure.visible(offered, SIGNED, allowed={"LOCATION_EXACT"}) == [LOCATION.encoded]
+    everything = {"WITNESS_IDENTIFYING", "VICTIM_IDENTIFYING", "LOCATION_EXACT"}
+    assert disclosure.visible(offered, SIGNED, allowed=everything) == [WITNESS.encoded, LOCATION.encoded,
+                                                                       VICTIM.encoded]  # fmt: skip
+    assert disclosure.visible(offered, SIGNED, allowed=()) == []
+
+
+def test_visible_withholds_a_label_nobody_allowed() -> None:
+    """The reproduction of issue 8: a value labelled UNKNOWN was forwarded because nobody withheld it."""
+    unknown = disclosure.make("source_name", "N. N.", label="UNKNOWN", salt=b"\x07" * 16)
+    signed = [*SIGNED, {"label": "UNKNOWN", "digest": unknown.digest}]
+    allowed = {"LOCATION_EXACT", "VICTIM_IDENTIFYING"}  # what an office without PROTECTION clearance is allowed
+    assert disclosure.visible([unknown.encoded, LOCATION.encoded], signed, allowed=allowed) == [LOCATION.encoded]
 
 
 def test_a_reader_given_some_disclosures_still_verifies_and_sees_only_those(
@@ -111,9 +120,7 @@ def test_a_reader_given_some_disclosures_still_verifies_and_sees_only_those(
     forwarded = with_disclosures(
         codec,
         sealed,
-        disclosure.visible(
-            [d.encoded for d in ALL], record["protected"], withheld={"WITNESS_IDENTIFYING", "VICTIM_IDENTIFYING"}
-        ),
+        disclosure.visible([d.encoded for d in ALL], record["protected"], allowed={"LOCATION_EXACT"}),
     )
     assert WITNESS.encoded.encode() not in forwarded
     assert VICTIM.encoded.encode() not in forwarded
