@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -23,7 +24,13 @@ from services.shared.kafka import POLICY_TOPIC, TopicSpec, ensure_topics, hub_to
 
 log = logging.getLogger(__name__)
 
-Record = tuple[str, bytes]  # ("hub.policy[0]@17", value)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+Record = tuple[str, bytes, datetime]  # ("hub.policy[0]@17", value, the record's timestamp)
+
+
+def _timestamp(ms: int) -> datetime:
+    """A Kafka record timestamp (milliseconds since the epoch) as an aware datetime."""
+    return _EPOCH + timedelta(milliseconds=ms)
 
 
 async def ensure_policy_topic(bootstrap: str, topic: str = POLICY_TOPIC) -> None:
@@ -95,7 +102,7 @@ async def _drain(consumer: AIOKafkaConsumer, on_record: Callable[[Record], objec
         batches = await consumer.getmany(timeout_ms=500)
         for tp, records in batches.items():
             for rec in records:
-                on_record((f"{tp.topic}[{tp.partition}]@{rec.offset}", rec.value or b""))
+                on_record((f"{tp.topic}[{tp.partition}]@{rec.offset}", rec.value or b"", _timestamp(rec.timestamp)))
         for tp in list(pending):
             if await consumer.position(tp) >= ends[tp]:
                 pending.discard(tp)
@@ -122,8 +129,8 @@ async def read_records(bootstrap: str, *, topic: str = POLICY_TOPIC) -> list[Rec
 
 async def load_store(bootstrap: str, store: PolicyStore, *, topic: str = POLICY_TOPIC) -> PolicyStore:
     """Replay the whole topic into ``store`` (refused records are logged and counted by the store)."""
-    for where, value in await read_records(bootstrap, topic=topic):
-        store.ingest(value, where=where)
+    for where, value, appended_at in await read_records(bootstrap, topic=topic):
+        store.ingest(value, where=where, appended_at=appended_at)
     return store
 
 
@@ -135,6 +142,7 @@ async def follow(consumer: AIOKafkaConsumer, store: PolicyStore, caught_up: asyn
         KafkaUnavailable: the cluster failed while following.
     """
     try:
-        await _drain(consumer, lambda r: store.ingest(r[1], where=r[0]), follow=True, caught_up=caught_up)
+        await _drain(consumer, lambda r: store.ingest(r[1], where=r[0], appended_at=r[2]), follow=True,
+                     caught_up=caught_up)  # fmt: skip
     except KafkaError as exc:
         raise KafkaUnavailable(f"lost the policy topic: {exc}") from exc

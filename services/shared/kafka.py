@@ -65,7 +65,8 @@ def hub_topics(
     isr = {"min.insync.replicas": str(min_insync_replicas), "unclean.leader.election.enable": "false"}
     specs = [
         TopicSpec(KEYS_TOPIC, 1, {"cleanup.policy": "compact", **isr}),
-        TopicSpec(POLICY_TOPIC, 1, {**forever, **isr}),
+        # The broker stamps each policy record: a version may not take effect before that moment (policy.engine).
+        TopicSpec(POLICY_TOPIC, 1, {**forever, **isr, "message.timestamp.type": "LogAppendTime"}),
         TopicSpec(AUDIT_TOPIC, 1, {**forever, **isr}),
         TopicSpec(DEAD_LETTER_TOPIC, 1, {**forever, **isr}),
     ]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from services.cli.policy import register
 from services.policy.pack import SAMPLE_PACK
+from services.policy.topic import read_records
 from services.shared.cluster import KafkaTarget
-from services.shared.errors import ConfigurationError, PolicyError, ValidationFailed
+from services.shared.errors import ConfigurationError, NotFound, PolicyError, UntrustedKey, ValidationFailed
 from services.shared.keys import SigningKey
 
 
@@ -87,7 +89,9 @@ async def test_push_history_show_explain(
     common = ["--topic", topic_name, "--trust", str(public)]
     push = ["policy", "push", str(SAMPLE_PACK), "--key", str(private), "--author", "policy-board", *common]
 
-    assert await evhub(*push, "--effective-from", "2025-01-01T00:00:00Z") == 0
+    with pytest.raises(PolicyError, match="back-dated"):  # effective before it would be appended
+        await evhub(*push, "--effective-from", (datetime.now(UTC) - timedelta(minutes=5)).isoformat())
+    assert await evhub(*push) == 0  # effective now
     pushed = capsys.readouterr().out.split()[1]
     with pytest.raises(PolicyError, match="not after"):
         await evhub(*push, "--effective-from", "2024-01-01T00:00:00Z")
@@ -111,6 +115,26 @@ async def test_push_history_show_explain(
     code = await evhub("policy", "explain", "--office", "DE-GBA-WCU", "--item", "item-embargoed-0003",
                        "--at", "2030-01-01T00:00:00Z", *common)  # fmt: skip
     assert code == 0
+
+
+@pytest.mark.kafka
+async def test_push_refuses_a_key_the_service_would_not_trust_and_publishes_nothing(
+    kafka: KafkaTarget, topic_name: str, keys: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Issue 8: push signed with any key, said "pushed", and the service then refused the version."""
+    monkeypatch.setenv("EVHUB_KAFKA_BOOTSTRAP", kafka.bootstrap)
+    _, trusted_public = keys
+    stranger = tmp_path / "stranger.key"
+    stranger.write_bytes(SigningKey.generate().to_pem())
+    push = ["policy", "push", str(SAMPLE_PACK), "--key", str(stranger), "--author", "x", "--topic", topic_name]
+    monkeypatch.setenv("EVHUB_POLICY_ADMIN_KEYS", f'["{trusted_public}"]')  # as the service is configured
+    with pytest.raises(UntrustedKey, match="untrusted key"):
+        await evhub(*push)
+    monkeypatch.delenv("EVHUB_POLICY_ADMIN_KEYS")
+    with pytest.raises(ConfigurationError, match="EVHUB_POLICY_ADMIN_KEYS"):  # no trust configured: no check
+        await evhub(*push)
+    with pytest.raises(NotFound):  # nothing was published: the topic was not even created
+        await read_records(kafka.bootstrap, topic=topic_name)
 
 
 @pytest.mark.kafka

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -25,7 +25,6 @@ from services.shared.keys import SigningKey
 pytestmark = pytest.mark.kafka
 
 Client = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
-V2_FROM = datetime(2025, 6, 1, tzinfo=UTC)
 ITEM = {"item_id": "item-1", "jurisdictions": ["DE"], "case_ids": ["CASE-SY-001"], "classification": "SECRET",
         "protected_fields": ["WITNESS_IDENTIFYING"]}  # fmt: skip
 
@@ -42,8 +41,16 @@ async def ready(client: TestClient[web.Request, web.Application], versions: int,
             await asyncio.sleep(0.05)
 
 
+@pytest.fixture
+def signed_v1(pack: PolicyPack, admin_key: SigningKey) -> SignedPolicyVersion:
+    """Effective from the current second: versions pushed to a real topic may not be back-dated."""
+    return sign(pack.version(author="policy-board", effective_from=datetime.now(UTC).replace(microsecond=0)), admin_key)
+
+
 def v2_of(pack: PolicyPack) -> PolicyVersion:
-    return pack.version(author="policy-board", effective_from=V2_FROM).model_copy(
+    """Effective tomorrow: after v1, and not before it is appended."""
+    tomorrow = datetime.now(UTC) + timedelta(days=1)
+    return pack.version(author="policy-board", effective_from=tomorrow).model_copy(
         update={"policy_text": pack.policy_text + '\n@id("extra")\nforbid(principal, action, resource) '
                 'when { principal.jurisdiction == "XX" };\n'})  # fmt: skip
 
@@ -70,8 +77,9 @@ async def test_decisions_and_history_over_http(
     client = await aiohttp_client(app_for(kafka, topic_name, admin_key))
     await ready(client, 1)
 
+    at = (signed_v1.version.effective_from + timedelta(hours=1)).isoformat()
     response = await client.post("/v1/decisions", json={"office": "DE-GBA-WCU", "action": "ReadItem", "item": ITEM,
-                                                        "at": "2026-01-01T00:00:00Z"})  # fmt: skip
+                                                        "at": at})  # fmt: skip
     assert response.status == 200
     decision = await response.json()
     assert decision["allowed"] is True
@@ -132,6 +140,10 @@ async def test_posted_versions_are_checked_before_publishing(
 ) -> None:  # fmt: skip
     client = await aiohttp_client(app_for(kafka, topic_name, admin_key))
     await ready(client, 0)
+    backdated = signed_v1.version.model_copy(update={"effective_from": datetime.now(UTC) - timedelta(minutes=5)})
+    response = await client.post("/v1/versions", data=sign(backdated, admin_key).to_record())
+    assert (response.status, response.content_type) == (422, PROBLEM)
+    assert "back-dated" in (await response.json())["detail"]
     assert (await client.post("/v1/versions", data=signed_v1.to_record())).status == 202
     await ready(client, 1)
 
