@@ -34,6 +34,7 @@ from services.publisher.settings import PublisherSettings
 from services.shared.avro import AvroCodec
 from services.shared.content import ContentStore, LocalContentStore
 from services.shared.errors import ConfigurationError, Forbidden, KafkaUnavailable, PayloadTooLarge, ValidationFailed
+from services.shared.filenames import check_file_name
 from services.shared.http import peer_common_name, problem_middleware
 from services.shared.kafka import KEYS_TOPIC, ensure_topics, hub_topics, make_producer, read_to_end
 from services.shared.media import sniff
@@ -92,6 +93,7 @@ async def _read_upload(request: web.Request) -> tuple[core.EvidenceMetadata, Con
     if not isinstance(part, BodyPartReader) or part.name != "file":
         raise ValidationFailed("the second part must be 'file'", errors=[{"field": "file", "message": "missing"}])
     file_part = part
+    name = meta.file_name or (check_file_name(part.filename, field="file.filename") if part.filename else None)
     detected: list[str] = []
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -103,8 +105,8 @@ async def _read_upload(request: web.Request) -> tuple[core.EvidenceMetadata, Con
 
     announced = repr_digest_sha256(request.headers.get("Repr-Digest"))
     stored = await store.put(chunks(), max_size=settings.max_file_bytes, accept=accept, expected_sha256=announced)
-    name = meta.file_name or file_part.filename or stored.sha256
-    return meta, ContentInfo(sha256=stored.sha256, size=stored.size, media_type=detected[0], file_name=name)
+    return meta, ContentInfo(sha256=stored.sha256, size=stored.size, media_type=detected[0],
+                             file_name=name or stored.sha256)  # fmt: skip
 
 
 def repr_digest_sha256(header: str | None) -> str | None:
