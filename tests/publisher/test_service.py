@@ -78,6 +78,6 @@ async def test_a_key_revoked_on_hub_keys_stops_a_running_publisher_from_signing(
                     status, body = await publish(session, n)
                     n += 1
             assert body["title"] == "Untrusted"  # why (a revoked key) is logged, not told
-            assert any("revoked" in r.getMessage() and body["incident"] in r.getMessage() for r in caplog.records)
+            assert any("revoked" in r.getMessage() and str(body["incident"]) in r.getMessage() for r in caplog.records)
     finally:
         await runner.cleanup()
