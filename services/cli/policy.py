@@ -153,7 +153,7 @@ async def run_push(args: argparse.Namespace) -> int:
     # The service's own check of the exact bytes about to be published: trusted admin keys, Cedar, ordering, and
     # not back-dated (the record is appended now). Nothing is published if it fails.
     store.check_record(signed.to_record(), appended_at=datetime.now(UTC))
-    where = await publish_version(_bootstrap(), signed, topic=args.topic)
+    where = await publish_version(_bootstrap(), signed, topic=args.topic, kafka=KafkaSettings())
     accepted = (await _store(args)).history()  # what every reader now holds, with the broker's timestamp
     if signed.content_hash not in {v.content_hash for v in accepted}:
         raise PolicyError(f"{signed.content_hash} was published ({where}) but readers refuse it; see evhub policy"

@@ -179,7 +179,7 @@ def create_app(
     app[CLOCK] = clock or (lambda: datetime.now(UTC))
 
     async def kafka(app: web.Application) -> AsyncIterator[None]:
-        await ensure_policy_topic(bootstrap, settings.topic)
+        await ensure_policy_topic(bootstrap, settings.topic, kafka=settings.kafka)
         consumer = await start_reader(bootstrap, settings.topic, client_id="evhub-policy-service")
         producer = make_producer(bootstrap, client_id="evhub-policy-service")
         state = app[STATE]

@@ -20,7 +20,16 @@ from aiokafka.errors import KafkaError
 from services.policy.engine import PolicyStore
 from services.policy.version import SignedPolicyVersion
 from services.shared.errors import KafkaUnavailable, NotFound
-from services.shared.kafka import POLICY_TOPIC, TopicSpec, ensure_topics, hub_topics, make_consumer, make_producer
+from services.shared.kafka import (
+    POLICY_TOPIC,
+    TopicReport,
+    TopicSpec,
+    ensure_hub_topics,
+    hub_topics,
+    make_consumer,
+    make_producer,
+)
+from services.shared.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +42,22 @@ def _timestamp(ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ms)
 
 
-async def ensure_policy_topic(bootstrap: str, topic: str = POLICY_TOPIC) -> None:
-    """Create the policy topic (retention forever) if it does not exist."""
+async def ensure_policy_topic(bootstrap: str, topic: str = POLICY_TOPIC, *, kafka: KafkaSettings) -> TopicReport:
+    """Create the policy topic (retention forever, broker timestamps) with the configured replication factor and
+    ``min.insync.replicas`` if it does not exist; report weaker settings if it does (``ensure_hub_topics``)."""
     [spec] = [s for s in hub_topics([]) if s.name == POLICY_TOPIC]
-    await ensure_topics(bootstrap, [TopicSpec(topic, spec.partitions, spec.config)])
+    return await ensure_hub_topics(bootstrap, [TopicSpec(topic, spec.partitions, spec.config)], kafka=kafka)
 
 
-async def publish_version(bootstrap: str, signed: SignedPolicyVersion, *, topic: str = POLICY_TOPIC) -> str:
+async def publish_version(
+    bootstrap: str, signed: SignedPolicyVersion, *, topic: str = POLICY_TOPIC, kafka: KafkaSettings
+) -> str:
     """Append one signed version (acks=all). Returns where it landed, e.g. ``hub.policy[0]@3``.
 
     Raises:
         KafkaUnavailable: the cluster did not accept the record.
     """
-    await ensure_policy_topic(bootstrap, topic)
+    await ensure_policy_topic(bootstrap, topic, kafka=kafka)
     producer = make_producer(bootstrap, client_id="evhub-policy-publisher")
     try:
         await producer.start()

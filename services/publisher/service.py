@@ -36,7 +36,7 @@ from services.shared.content import ContentStore, LocalContentStore
 from services.shared.errors import ConfigurationError, Forbidden, KafkaUnavailable, PayloadTooLarge, ValidationFailed
 from services.shared.filenames import check_file_name
 from services.shared.http import peer_common_name, problem_middleware
-from services.shared.kafka import KEYS_TOPIC, ensure_topics, hub_topics, make_producer, read_to_end
+from services.shared.kafka import KEYS_TOPIC, ensure_hub_topics, hub_topics, make_producer, read_to_end
 from services.shared.media import sniff
 from services.shared.registry import KeyRegistry
 
@@ -214,8 +214,7 @@ async def _own_resources(app: web.Application) -> AsyncIterator[None]:
     if not bootstrap:
         raise ConfigurationError("EVHUB_KAFKA_BOOTSTRAP is required to run the publisher")
     codec, signer = AvroCodec.load(), settings.signing_key()
-    topics = hub_topics(settings.jurisdictions, min_insync_replicas=settings.kafka.min_insync_replicas)
-    await ensure_topics(bootstrap, topics, replication_factor=settings.kafka.replication_factor)
+    await ensure_hub_topics(bootstrap, hub_topics(settings.jurisdictions), kafka=settings.kafka)
     registry = await _load_registry(codec, settings, bootstrap)
     app[OWN_REGISTRY] = True
     producer = make_producer(bootstrap, client_id="evhub-publisher")

@@ -13,7 +13,14 @@ from services.cli.policy import register
 from services.policy.pack import SAMPLE_PACK
 from services.policy.topic import read_records
 from services.shared.cluster import KafkaTarget
-from services.shared.errors import ConfigurationError, NotFound, PolicyError, UntrustedKey, ValidationFailed
+from services.shared.errors import (
+    ConfigurationError,
+    KafkaUnavailable,
+    NotFound,
+    PolicyError,
+    UntrustedKey,
+    ValidationFailed,
+)
 from services.shared.keys import SigningKey
 
 
@@ -143,3 +150,18 @@ async def test_history_needs_trusted_keys(kafka: KafkaTarget, monkeypatch: pytes
     monkeypatch.delenv("EVHUB_POLICY_ADMIN_KEYS", raising=False)
     with pytest.raises(ConfigurationError):
         await evhub("policy", "history")
+
+
+@pytest.mark.kafka
+async def test_push_creates_the_policy_topic_with_the_configured_replication_factor(
+    kafka: KafkaTarget, topic_name: str, keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 8: push created hub.policy at replication factor 1 whatever the cluster's configuration said."""
+    private, public = keys
+    monkeypatch.setenv("EVHUB_KAFKA_BOOTSTRAP", kafka.bootstrap)
+    monkeypatch.setenv("EVHUB_KAFKA_REPLICATION_FACTOR", "2")  # one broker here: Kafka must refuse the topic
+    with pytest.raises(KafkaUnavailable, match="InvalidReplicationFactor"):
+        await evhub("policy", "push", str(SAMPLE_PACK), "--key", str(private), "--author", "x", "--topic", topic_name,
+                    "--trust", str(public))  # fmt: skip
+    with pytest.raises(NotFound):
+        await read_records(kafka.bootstrap, topic=topic_name)

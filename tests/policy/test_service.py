@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from services.policy.pack import PolicyPack
 from services.policy.service import create_app
@@ -21,6 +22,7 @@ from services.shared.errors import ConfigurationError
 from services.shared.http import PROBLEM_JSON as PROBLEM
 from services.shared.kafka import make_producer
 from services.shared.keys import SigningKey
+from services.shared.settings import KafkaSettings
 
 pytestmark = pytest.mark.kafka
 
@@ -73,7 +75,7 @@ async def test_decisions_and_history_over_http(
     aiohttp_client: Client, kafka: KafkaTarget, topic_name: str, admin_key: SigningKey,
     signed_v1: SignedPolicyVersion,
 ) -> None:  # fmt: skip
-    await publish_version(kafka.bootstrap, signed_v1, topic=topic_name)
+    await publish_version(kafka.bootstrap, signed_v1, topic=topic_name, kafka=KafkaSettings())
     client = await aiohttp_client(app_for(kafka, topic_name, admin_key))
     await ready(client, 1)
 
@@ -168,9 +170,9 @@ async def test_versions_survive_a_restart_with_identical_hashes(
     signed_v1: SignedPolicyVersion, pack: PolicyPack,
 ) -> None:  # fmt: skip
     v2 = sign(v2_of(pack), admin_key)
-    await publish_version(kafka.bootstrap, signed_v1, topic=topic_name)
+    await publish_version(kafka.bootstrap, signed_v1, topic=topic_name, kafka=KafkaSettings())
     await _produce(kafka.bootstrap, topic_name, b"\x00corrupt", SignedPolicyVersion(version=v2.version).to_record())
-    await publish_version(kafka.bootstrap, v2, topic=topic_name)
+    await publish_version(kafka.bootstrap, v2, topic=topic_name, kafka=KafkaSettings())
 
     seen = []
     for _ in range(2):  # the second app is a fresh service: it knows only what the topic holds
@@ -184,8 +186,25 @@ async def test_versions_survive_a_restart_with_identical_hashes(
 
 
 async def test_refuses_to_start_without_keys_or_kafka(kafka: KafkaTarget, topic_name: str) -> None:
-    await ensure_policy_topic(kafka.bootstrap, topic_name)
+    await ensure_policy_topic(kafka.bootstrap, topic_name, kafka=KafkaSettings())
     with pytest.raises(ConfigurationError, match="policy-admin"):
         create_app(PolicySettings(topic=topic_name, admin_keys=[]), bootstrap=kafka.bootstrap)
     with pytest.raises(ConfigurationError, match="bootstrap"):
         create_app(PolicySettings(kafka={"bootstrap": None}), keys=[SigningKey.generate().public])
+
+
+async def test_a_weaker_existing_policy_topic_is_reported_at_start_up(
+    aiohttp_client: Client, kafka: KafkaTarget, topic_name: str, admin_key: SigningKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:  # created by hand, the way an operator (or an older hub) might have
+        await admin.create_topics([NewTopic(topic_name, 1, 1, topic_configs={"retention.ms": "86400000"})])
+    finally:
+        await admin.close()
+    client = await aiohttp_client(app_for(kafka, topic_name, admin_key))
+    await ready(client, 0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"topic {topic_name}: retention.ms is 86400000, the hub needs -1" in w for w in warnings), warnings
+    assert any(f"topic {topic_name}: message.timestamp.type is CreateTime" in w for w in warnings), warnings

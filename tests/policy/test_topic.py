@@ -14,6 +14,7 @@ from services.policy.version import sign, trusted_keys
 from services.shared.cluster import KafkaTarget
 from services.shared.kafka import make_producer
 from services.shared.keys import SigningKey
+from services.shared.settings import KafkaSettings
 
 pytestmark = pytest.mark.kafka
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.kafka
 async def test_a_forged_record_timestamp_does_not_back_date_a_version(
     kafka: KafkaTarget, topic_name: str, admin_key: SigningKey, pack: PolicyPack
 ) -> None:
-    await ensure_policy_topic(kafka.bootstrap, topic_name)
+    await ensure_policy_topic(kafka.bootstrap, topic_name, kafka=KafkaSettings())
     last_year = datetime.now(UTC) - timedelta(days=365)
     signed = sign(pack.version(author="board", effective_from=last_year), admin_key)
     producer = make_producer(kafka.bootstrap, client_id="forger")
