@@ -109,6 +109,7 @@ async def test_push_history_show_explain(
     history = capsys.readouterr().out
     assert f"* {pushed}" in history
     assert "1 version(s)" in history
+    assert "refused" not in history, "the refused pushes published nothing"
 
     assert await evhub("policy", "show", pushed[:12], *common) == 0
     assert '@id("embargo")' in capsys.readouterr().out
