@@ -113,21 +113,27 @@ def attributes_of(
 
 
 def allowed_labels(decision: Decision, attributes: ItemAttributes) -> tuple[str, ...]:
-    """The protected-field labels whose disclosures may be forwarded: decided for this item and not withheld.
-    The one place redaction is decided (an allow-list: a label the policy did not decide is never forwarded)."""
+    """The protected-field labels whose disclosures may be forwarded: ``Decision.disclosed_fields`` — decided for
+    this item *and* allowed — and nothing for a refusal. The one place redaction is decided (an allow-list: a label
+    the policy did not decide is never forwarded)."""
     if not decision.allowed:
         return ()
-    withheld = set(decision.withheld_fields)
-    return tuple(label for label in attributes.protected_fields if label not in withheld)
+    present = set(attributes.protected_fields)
+    return tuple(label for label in decision.disclosed_fields if label in present)
+
+
+def withheld_labels(decision: Decision, attributes: ItemAttributes) -> tuple[str, ...]:
+    """Every label on the item whose disclosure is not forwarded (undecidable ones included)."""
+    allowed = set(allowed_labels(decision, attributes))
+    present = (*attributes.protected_fields, *attributes.undecidable_fields)
+    return tuple(label for label in dict.fromkeys(present) if label not in allowed)
 
 
 def forwarded_disclosures(record: EvidenceRecord, allowed: Sequence[str]) -> tuple[str, ...]:
     """The record's disclosures that match a signed digest whose label is in ``allowed``."""
     if record.kind != "event" or not allowed:
         return ()
-    signed = record.record.get("protected", [])
-    every_label = {d["label"] for d in signed}
-    return tuple(disclosure.visible(record.disclosures, signed, withheld=every_label - set(allowed)))
+    return tuple(disclosure.visible(record.disclosures, record.record.get("protected", []), allowed=allowed))
 
 
 def deny_source(decision: Decision) -> str | None:
@@ -166,7 +172,6 @@ def audit_entry(
             "envelope_sha256": record.envelope_sha256, "content_sha256": content_sha256,
             "content_range": content_range,
         }  # fmt: skip
-    labels = list(attributes.protected_fields) if attributes is not None else []
     return {
         "entry_id": entry_id, "at": at, "gateway": who.gateway, "office": who.principal.name,
         "client_cert_sha256": who.principal.cert_sha256, "request_id": who.request_id, "action": action,
@@ -174,7 +179,7 @@ def audit_entry(
         "attributes": None if attributes is None else _attributes_entry(attributes),
         "decision": "RELEASED" if decision.allowed else "REFUSED", "deny_source": deny_source(decision),
         "disclosed_fields": list(disclosed),
-        "withheld_fields": [label for label in labels if label not in disclosed],
+        "withheld_fields": [] if attributes is None else list(withheld_labels(decision, attributes)),
         "policy_version": decision.policy_version, "determining_policies": list(decision.determining_policies),
         "errors": list(decision.errors),
     }  # fmt: skip
@@ -233,8 +238,7 @@ def released_event(
         "envelope": base64.b64encode(envelope).decode("ascii"),
         "payload_type": record.payload_type, record.kind: _json_value(record.record),
         "disclosed_fields": list(allowed_labels(outcome.decision, outcome.attributes)),
-        "withheld_fields": [f for f in outcome.attributes.protected_fields
-                            if f not in allowed_labels(outcome.decision, outcome.attributes)],
+        "withheld_fields": list(withheld_labels(outcome.decision, outcome.attributes)),
         "policy_version": outcome.decision.policy_version,
     }  # fmt: skip
     if late:

@@ -55,7 +55,7 @@ from services.shared.errors import (
 )
 from services.shared.follower import TopicFollower
 from services.shared.http import Handler, problem, problem_middleware
-from services.shared.kafka import TopicSpec, ensure_topics, evidence_topic, hub_topics, make_producer
+from services.shared.kafka import TopicSpec, ensure_hub_topics, evidence_topic, hub_topics, make_producer
 from services.shared.keys import PublicKey
 from services.shared.principals import Principal, principal_from_der
 from services.shared.registry import KeyRegistry
@@ -290,7 +290,7 @@ async def retry_after(request: web.Request, handler: Handler) -> web.StreamRespo
 
 def gateway_topics(settings: GatewaySettings) -> list[TopicSpec]:
     """The hub's topics under the names this gateway is configured with (created idempotently at start)."""
-    topics = hub_topics(settings.jurisdictions, min_insync_replicas=settings.kafka.min_insync_replicas)
+    topics = hub_topics(settings.jurisdictions)
     renamed = {"hub.keys": settings.keys_topic, "hub.policy": settings.policy_topic,
                "hub.audit": settings.audit_topic, "hub.deadletter": settings.deadletter_topic}  # fmt: skip
     return [TopicSpec(renamed.get(t.name, t.name), t.partitions, t.config) for t in topics]
@@ -326,7 +326,7 @@ def create_app(
             log.error("key record %s[%d]@%d refused: %s", record.topic, record.partition, record.offset, exc.detail)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        await ensure_topics(bootstrap, gateway_topics(settings), replication_factor=settings.kafka.replication_factor)
+        await ensure_hub_topics(bootstrap, gateway_topics(settings), kafka=settings.kafka)
         store = GatewayStore(settings.data_dir / "gateway.sqlite3")
         keys_follower = TopicFollower(bootstrap=bootstrap, topic=settings.keys_topic, client_id="evhub-gateway-keys",
                                       on_record=apply_key)  # fmt: skip

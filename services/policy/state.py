@@ -12,10 +12,14 @@ Does not own: how versions are checked (``engine``), reading Kafka (``services.s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Final
 
 from services.policy.engine import PolicyEngine, PolicyStore
 from services.shared.errors import InfrastructureError
 from services.shared.follower import Record, TopicFollower
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass
@@ -30,8 +34,10 @@ class PolicyState:
         return cls(store=store, engine=PolicyEngine(store, cache_size=cache_size))
 
     def ingest(self, record: Record) -> None:
-        """Apply one ``hub.policy`` record; the store logs, counts and skips records it refuses."""
-        self.store.ingest(record.value or b"", where=f"{record.topic}[{record.partition}]@{record.offset}")
+        """Apply one ``hub.policy`` record (its Kafka timestamp is when it was appended: a version never takes
+        effect before that); the store logs, counts and skips records it refuses."""
+        self.store.ingest(record.value or b"", where=f"{record.topic}[{record.partition}]@{record.offset}",
+                          appended_at=_EPOCH + timedelta(milliseconds=record.timestamp))  # fmt: skip
 
     def follow(self, *, bootstrap: str, topic: str, client_id: str) -> TopicFollower:
         """The follower that feeds this state (run it as a background task)."""

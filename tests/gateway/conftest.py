@@ -31,7 +31,7 @@ from services.publisher.core import parse_metadata
 from services.publisher.pipeline import ContentInfo, PublishResult
 from services.shared.audit_records import decode_batch, decode_entry
 from services.shared.content import LocalContentStore
-from services.shared.kafka import ensure_topics, make_producer, read_to_end
+from services.shared.kafka import ensure_hub_topics, make_producer, read_to_end
 from services.shared.keys import SigningKey
 from services.shared.media import sniff
 from services.shared.principals import principal_uri
@@ -179,7 +179,7 @@ async def hub(stack: Stack, tmp_path: Path) -> AsyncIterator[Hub]:
     content = CountingStore(stack.store.path_of("0" * 64).parents[2])  # the publisher's store, counted
     hub = Hub(stack=stack, url="", pki=tmp_path / "pki", settings=settings, admin=admin, codes=codes,
               certs=pki_for(tmp_path / "pki"), content=content)  # fmt: skip
-    await ensure_topics(stack.bootstrap, gateway_topics(settings))
+    await ensure_hub_topics(stack.bootstrap, gateway_topics(settings), kafka=settings.kafka)
     await hub.produce(settings.keys_topic, issue(stack.codec, stack.anchor, public_key=stack.signer.public,
                                                  organisation="Syrian documentation group",
                                                  not_before=datetime.now(UTC) - timedelta(days=1)),
@@ -188,7 +188,8 @@ async def hub(stack: Stack, tmp_path: Path) -> AsyncIterator[Hub]:
     offices = tuple(o.model_copy(update={"jurisdiction": codes[o.jurisdiction]}) for o in pack.offices)
     offices += (Office(office_id=SECOND_DE, jurisdiction=codes["DE"], clearances=("SECRET",), assigned_cases=(CASE,),
                        purposes=("prosecution",)),)  # fmt: skip
-    version = pack.version(author="test", effective_from=datetime(2025, 1, 1, tzinfo=UTC))
+    # in force from now (whole seconds): hub.policy refuses versions back-dated before their record was appended
+    version = pack.version(author="test", effective_from=datetime.now(UTC).replace(microsecond=0))
     signed = sign(version.model_copy(update={"offices": offices}), admin)
     await hub.produce(settings.policy_topic, signed.to_record(), key=signed.content_hash.encode())
     await hub.start()

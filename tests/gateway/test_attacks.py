@@ -16,7 +16,7 @@ from pydantic import SecretStr
 
 from services.gateway.service import gateway_topics
 from services.shared.envelope import ENVELOPE_SCHEMA, open_envelope, seal
-from services.shared.kafka import ensure_topics, evidence_topic, read_to_end
+from services.shared.kafka import ensure_hub_topics, evidence_topic, read_to_end
 from services.shared.principals import principal_uri
 from services.shared.tls import CertFiles, issue_leaf
 from tests.gateway.conftest import SECOND_DE, Hub, audit_log
@@ -221,7 +221,7 @@ async def test_with_the_audit_topic_gone_nothing_is_released_and_the_gateway_rec
     assert "events" not in body
     async with hub.session() as s, s.get(hub.feed_url(), headers={"Accept": "text/event-stream"}) as r:
         assert r.status == 503  # the stream refuses before its first byte too
-    await ensure_topics(hub.stack.bootstrap, gateway_topics(hub.settings))
+    await ensure_hub_topics(hub.stack.bootstrap, gateway_topics(hub.settings), kafka=hub.settings.kafka)
     async with asyncio.timeout(60):
         while (result := await hub.page("DE"))[0] != 200:  # noqa: ASYNC110 - polling a server, not an event
             await asyncio.sleep(0.5)

@@ -21,6 +21,7 @@ from services.gateway.release import (
     decide_record,
     deny_source,
     forwarded_disclosures,
+    withheld_labels,
 )
 from services.policy.model import Decision, ItemAttributes
 from services.shared import disclosure
@@ -127,9 +128,14 @@ def test_redaction_forwards_only_labels_decided_and_allowed(codec: AvroCodec) ->
                                       ("PERPETRATOR_IDENTIFYING", "officer X")])  # fmt: skip
     attributes = attributes_of(record, withdrawn=False)
     assert attributes.protected_fields == ("LOCATION_EXACT", "WITNESS_IDENTIFYING")
-    allowed = Decision(allowed=True, withheld_fields=("WITNESS_IDENTIFYING",), policy_version="v")
+    allowed = Decision(allowed=True, withheld_fields=("WITNESS_IDENTIFYING", "PERPETRATOR_IDENTIFYING"),
+                       disclosed_fields=("LOCATION_EXACT",), policy_version="v")  # fmt: skip
     assert allowed_labels(allowed, attributes) == ("LOCATION_EXACT",)
     assert forwarded_disclosures(record, allowed_labels(allowed, attributes)) == (encoded[1],)
+    assert withheld_labels(allowed, attributes) == ("WITNESS_IDENTIFYING", "PERPETRATOR_IDENTIFYING")
+    careless = Decision(allowed=True, disclosed_fields=("LOCATION_EXACT", "PERPETRATOR_IDENTIFYING"),
+                        policy_version="v")  # fmt: skip
+    assert allowed_labels(careless, attributes) == ("LOCATION_EXACT",)  # never a label the item does not decide
     refused = Decision(allowed=False, withheld_fields=(), policy_version="v")
     assert forwarded_disclosures(record, allowed_labels(refused, attributes)) == ()
 
@@ -153,8 +159,8 @@ def test_deny_sources(decision: Decision, source: str | None) -> None:
 def test_an_audit_entry_fits_the_contract_and_names_what_was_decided(codec: AvroCodec) -> None:
     record, _ = _record(codec, [("WITNESS_IDENTIFYING", "A. K."), ("LOCATION_EXACT", "33.5N")])
     who = Requester(principal=Principal("office", "SE-IPC", "c" * 64), request_id="r1", gateway="gw", purpose=None)
-    decision = Decision(allowed=True, withheld_fields=("WITNESS_IDENTIFYING",), policy_version="v",
-                        determining_policies=("p",))  # fmt: skip
+    decision = Decision(allowed=True, withheld_fields=("WITNESS_IDENTIFYING",), disclosed_fields=("LOCATION_EXACT",),
+                        policy_version="v", determining_policies=("p",))  # fmt: skip
     at = datetime(2026, 5, 1, tzinfo=UTC)
     outcome = decide_record(record, who=who, at=at, entry_id="e1", attributes=attributes_of(record, withdrawn=False),
                             decide=lambda a: decision)  # fmt: skip
