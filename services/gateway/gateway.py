@@ -112,10 +112,13 @@ class Gateway:
         self.policy.ready(max_age_s=self.max_view_age_s)
 
     def reader_for(self, jurisdiction: str) -> TopicReader:
-        """Raises: NotFound for a jurisdiction this gateway does not serve."""
+        """Raises: NotFound for a jurisdiction this gateway does not serve; InfrastructureError while its reader
+        is starting."""
         reader = self.readers.get(jurisdiction)
-        if reader is None or not reader.ready.is_set():
+        if reader is None:
             raise NotFound(f"no feed for {jurisdiction!r} here")
+        if not reader.ready.is_set():
+            raise InfrastructureError(f"the {jurisdiction} feed is starting")
         return reader
 
     def cursor(self, text: str | None, *, office: str, jurisdiction: str) -> Cursor:
