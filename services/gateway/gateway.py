@@ -356,11 +356,11 @@ class Gateway:
         files = [c for c in record.record["content"] if c["sha256"] == sha256]
         return Download(item_id=item_id, sha256=sha256, size=size, receipt=entry.entry_id, audit=where,
                         media_type=files[0]["media_type"], file_name=files[0]["file_name"],
-                        first=0 if chosen is None else chosen.first, last=None if chosen is None else chosen.last)
+                        first=0 if chosen is None else chosen.first,
+                        last=None if chosen is None else chosen.last)  # fmt: skip
 
 
 def _with_content(outcome: Outcome, sha256: str, content_range: str | None) -> Outcome:
     item = {**outcome.entry["item"], "content_sha256": sha256, "content_range": content_range}
     return Outcome(record=outcome.record, decision=outcome.decision, attributes=outcome.attributes,
                    entry_id=outcome.entry_id, entry={**outcome.entry, "item": item}, disclosures=())  # fmt: skip
-

@@ -342,4 +342,3 @@ class CatchUp:
                 except EvidenceHubError as exc:  # e.g. a key revoked since: refused now, never released
                     out.append(Rejected(topic, partition, rec.offset, f"{type(exc).__name__}: {exc.detail}"))
         return out
-

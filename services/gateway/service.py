@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
+from urllib.parse import quote
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
@@ -248,8 +249,6 @@ async def get_content(request: web.Request) -> web.StreamResponse:
 
 
 def _quote(name: str) -> str:
-    from urllib.parse import quote
-
     return quote(name, safe="")
 
 
@@ -398,4 +397,3 @@ def _crash_reporter(app: web.Application, name: str) -> Callable[[asyncio.Task[N
             app[CRASHED].set()
 
     return done
-
