@@ -19,6 +19,10 @@ PURE = [
     "services/shared/envelope.py",
     "services/shared/audit_records.py",
     "services/policy/attributes.py",
+    "services/audit/merkle.py",
+    "services/audit/tiles.py",
+    "services/audit/note.py",
+    "services/audit/checkpoint.py",
 ]
 FORBIDDEN = {"asyncio", "aiohttp", "aiokafka", "os", "time", "socket", "subprocess", "sqlite3", "random", "secrets"}
 

@@ -102,7 +102,7 @@ def tile_hashes(data: bytes, tile: Tile) -> list[bytes]:
 
 def first_leaf(tile: Tile) -> int:
     level = 0 if tile.is_bundle else tile.level
-    return tile.index * TILE_WIDTH ** (level + 1)
+    return int(tile.index * TILE_WIDTH ** (level + 1))
 
 
 def bundle_bytes(entries: Iterable[bytes]) -> bytes:
@@ -121,7 +121,8 @@ def bundle_entries(data: bytes, tile: Tile) -> list[bytes]:
     Raises:
         InvalidProof: a truncated bundle, trailing bytes, or a different number of entries (names the index).
     """
-    entries, pos, base = [], 0, first_leaf(tile)
+    entries: list[bytes] = []
+    pos, base = 0, first_leaf(tile)
     while pos < len(data):
         if pos + 2 > len(data):
             raise InvalidProof(f"{tile.path} is truncated at entry {base + len(entries)}", index=base + len(entries))

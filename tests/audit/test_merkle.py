@@ -16,7 +16,10 @@ VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "merkle"
 
 
 def _load(kind: str) -> list[tuple[str, dict[str, Any]]]:
-    return [(str(p.relative_to(VECTORS / kind)), json.loads(p.read_text())) for p in sorted((VECTORS / kind).rglob("*.json"))]
+    return [
+        (str(p.relative_to(VECTORS / kind)), json.loads(p.read_text()))
+        for p in sorted((VECTORS / kind).rglob("*.json"))
+    ]
 
 
 def _b(text: str) -> bytes:
@@ -36,7 +39,8 @@ class ListReader:
 
 
 def test_the_vectors_are_there() -> None:
-    assert len(_load("inclusion")) > 90 and len(_load("consistency")) > 90
+    assert len(_load("inclusion")) > 90
+    assert len(_load("consistency")) > 90
 
 
 @pytest.mark.parametrize(("name", "v"), _load("inclusion"), ids=lambda x: x if isinstance(x, str) else "")
@@ -93,6 +97,6 @@ def test_every_generated_proof_verifies_and_no_other_leaf_or_size_passes() -> No
 def test_a_proof_of_the_wrong_length_is_refused_before_chaining() -> None:
     leaves = [merkle.leaf_hash(bytes([i])) for i in range(8)]
     proof = merkle.inclusion_proof(ListReader(leaves), 3, 8)
-    with pytest.raises(InvalidProof, match="3 hashes, not 3|has 4 hashes, not 3") as info:
+    with pytest.raises(InvalidProof, match="has 4 hashes, not 3") as info:
         merkle.verify_inclusion(3, 8, leaves[3], [*proof, proof[0]], merkle.root_of(leaves))
     assert info.value.index == 3

@@ -79,7 +79,8 @@ def test_tiles_and_bundles_hold_the_hashes_and_entries() -> None:
     assert tiles.tile_hashes(store.files["tile/0/005"], Tile(0, 5)) == leaves[1280:1536]
     assert tiles.bundle_entries(store.files["tile/entries/273.p/112"], Tile(ENTRIES, 273, 112)) == _entries(112, 69_888)
     assert store.files["tile/1/000"][:32] == merkle.root_of(leaves[:256])
-    assert "tile/2/000.p/1" in store.files and "tile/1/001.p/17" in store.files
+    assert "tile/2/000.p/1" in store.files
+    assert "tile/1/001.p/17" in store.files
     reader = TileNodeReader(70_000, store.read)
     for index, size in [(0, 70_000), (69_999, 70_000), (65_535, 65_537), (12_345, 40_000)]:
         proof = merkle.inclusion_proof(reader, index, size)
@@ -96,7 +97,8 @@ def test_a_bundle_with_a_changed_length_prefix_names_the_entry() -> None:
     data[0] ^= 0x01
     with pytest.raises(InvalidProof) as info:
         tiles.bundle_entries(bytes(data), Tile(ENTRIES, 1, 44))
-    assert info.value.index is not None and 256 <= info.value.index < 300  # where the bundle stops parsing
+    assert info.value.index is not None
+    assert 256 <= info.value.index < 300
 
 
 def test_an_entry_too_large_for_a_bundle_is_refused_and_changes_nothing() -> None:
