@@ -23,6 +23,7 @@ PURE = [
     "services/audit/tiles.py",
     "services/audit/note.py",
     "services/audit/checkpoint.py",
+    "services/audit/verify.py",
 ]
 FORBIDDEN = {"asyncio", "aiohttp", "aiokafka", "os", "time", "socket", "subprocess", "sqlite3", "random", "secrets"}
 

@@ -256,6 +256,11 @@ class TiledTree:
             self._edges[level] = []
             level += 1
 
+    def edge_tiles(self) -> list[TileWrite]:
+        """The partial hash tiles of the current size (those a checkpoint of this size needs served)."""
+        edge = _all_edge_tiles(self._size)
+        return [TileWrite(t, tile_bytes(self._edges[level])) for level, t in enumerate(edge) if t.width]
+
     def root(self) -> bytes:
         """The root of the tree at its current size (RFC 6962), from the right edge alone."""
         subtrees: list[bytes] = []  # perfect subtrees, left to right, largest first
