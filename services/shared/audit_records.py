@@ -24,7 +24,8 @@ ENTRY_SCHEMA: Final = "audit_entry"
 BATCH_SCHEMA: Final = "audit_batch"
 #: Kafka's default max.message.bytes is ~1 MiB; a batch stays well under it.
 MAX_BATCH_BYTES: Final = 900 * 1024
-MAX_ENTRY_BYTES: Final = 64 * 1024
+#: An entry is one leaf, and C2SP entry bundles prefix each entry with a big-endian uint16 length: 65,535 at most.
+MAX_ENTRY_BYTES: Final = 0xFFFF
 MAX_ENTRIES: Final = 4096
 
 

@@ -58,3 +58,13 @@ def test_split_batches_keeps_order_and_every_batch_fits(codec: AvroCodec) -> Non
     assert len(batches) > 1
     for b in batches:
         audit_records.encode_batch(codec, batch_id="b", gateway="g", entries=b)
+
+
+def test_an_entry_fits_a_c2sp_entry_bundle(codec: AvroCodec) -> None:
+    # Bundles carry each leaf behind a uint16 length: an entry of 65,536 bytes could be logged but never served.
+    assert audit_records.MAX_ENTRY_BYTES == 65_535
+    with pytest.raises(PayloadTooLarge):
+        audit_records.decode_entry(codec, b"\xc3\x01" + bytes(65_534))
+    big = {**_entry(1), "request_id": "r" * 65_500}
+    with pytest.raises(ValueError, match="over 65535"):
+        audit_records.encode_entry(codec, big)
