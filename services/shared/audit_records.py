@@ -79,13 +79,22 @@ def decode_batch(codec: AvroCodec, data: bytes) -> tuple[str, str, list[bytes]]:
         DecodeError: not an audit batch, empty, too many entries, or an entry that is not an audit entry.
         PayloadTooLarge: over ``MAX_BATCH_BYTES``.
     """
+    batch_id, gateway, decoded = decode_batch_entries(codec, data)
+    return batch_id, gateway, [raw for raw, _ in decoded]
+
+
+def decode_batch_entries(codec: AvroCodec, data: bytes) -> tuple[str, str, list[tuple[bytes, dict[str, Any]]]]:
+    """Like :func:`decode_batch`, with each entry's exact bytes paired with its decoded fields (decoded once: the
+    audit log indexes the fields and appends the bytes).
+
+    Raises:
+        DecodeError, PayloadTooLarge: as :func:`decode_batch`.
+    """
     raw = codec.decode(data, expect=BATCH_SCHEMA, max_bytes=MAX_BATCH_BYTES)
     entries: list[bytes] = raw["entries"]
     if not entries or len(entries) > MAX_ENTRIES:
         raise DecodeError(f"an audit batch holds 1 to {MAX_ENTRIES} entries, not {len(entries)}")
-    for entry in entries:
-        decode_entry(codec, entry)
-    return raw["batch_id"], raw["gateway"], entries
+    return raw["batch_id"], raw["gateway"], [(entry, decode_entry(codec, entry)) for entry in entries]
 
 
 def decode_entry(codec: AvroCodec, data: bytes) -> dict[str, Any]:

@@ -30,6 +30,9 @@ def test_a_batch_returns_the_exact_entry_bytes_in_order(codec: AvroCodec) -> Non
     data = audit_records.encode_batch(codec, batch_id="b1", gateway="gw-1", entries=entries)
     assert audit_records.decode_batch(codec, data) == ("b1", "gw-1", entries)
     assert audit_records.decode_entry(codec, entries[3])["request_id"] == "r3"
+    _, _, decoded = audit_records.decode_batch_entries(codec, data)
+    assert [raw for raw, _ in decoded] == entries
+    assert [fields["request_id"] for _, fields in decoded] == [f"r{n}" for n in range(5)]
 
 
 def test_an_entry_that_is_not_an_audit_entry_spoils_the_batch(codec: AvroCodec) -> None:
