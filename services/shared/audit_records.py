@@ -94,7 +94,13 @@ def decode_batch_entries(codec: AvroCodec, data: bytes) -> tuple[str, str, list[
     entries: list[bytes] = raw["entries"]
     if not entries or len(entries) > MAX_ENTRIES:
         raise DecodeError(f"an audit batch holds 1 to {MAX_ENTRIES} entries, not {len(entries)}")
-    return raw["batch_id"], raw["gateway"], [(entry, decode_entry(codec, entry)) for entry in entries]
+    decoded = []
+    for i, entry in enumerate(entries):
+        try:
+            decoded.append((entry, decode_entry(codec, entry)))
+        except DecodeError as exc:  # say which entry spoiled the batch (dead letters carry this reason)
+            raise DecodeError(f"entry {i} of the batch: {exc.detail}") from exc
+    return raw["batch_id"], raw["gateway"], decoded
 
 
 def decode_entry(codec: AvroCodec, data: bytes) -> dict[str, Any]:

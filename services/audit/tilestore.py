@@ -1,0 +1,101 @@
+"""Where tiles, entry bundles and the checkpoint live: the :class:`TileStore` port and its POSIX adapter.
+
+Owns writing them durably and atomically (like Tessera's POSIX driver: write a temporary file in the same
+directory, fsync it, rename it over the final name, fsync the directory) and reading them back. Writes are
+idempotent: a path always holds the same bytes (full tiles never change; a partial tile is named by its width,
+and the tree is a function of the topic), so re-writing after a crash is harmless. An object store can implement
+the same port (PUT is atomic per object); a tile then needs no directory fsync.
+
+Blocking I/O: the service calls it from a worker thread. Every OS error becomes :class:`StoreUnavailable` (a full
+disk says so), so the integrator stops and retries instead of committing anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from services.audit.tiles import Tile, TileWrite
+from services.shared.errors import NotFound, StoreUnavailable
+
+CHECKPOINT = "checkpoint"
+
+
+class TileStore(Protocol):
+    def write(self, writes: Sequence[TileWrite]) -> None:
+        """Store every tile durably before returning. Raises: StoreUnavailable."""
+
+    def read(self, tile: Tile) -> bytes:
+        """Raises: NotFound (no such tile), StoreUnavailable."""
+
+    def write_checkpoint(self, data: bytes) -> None:
+        """Replace the served checkpoint atomically. Raises: StoreUnavailable."""
+
+
+def _translate(exc: OSError, what: str) -> StoreUnavailable:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreUnavailable(f"no space left to write {what}: integration stopped until space returns")
+    return StoreUnavailable(f"cannot write {what}: {exc.strerror or exc}")
+
+
+class PosixTileStore:
+    """Tiles as files under ``root`` at their C2SP paths (``root/tile/0/000``, ``root/checkpoint``)."""
+
+    def __init__(self, *, root: Path) -> None:
+        self._root = root
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write(self, writes: Sequence[TileWrite]) -> None:
+        try:
+            directories = set()
+            for w in writes:
+                path = self._root / w.tile.path
+                self._atomic_write(path, w.data)
+                directories.add(path.parent)
+            for directory in sorted(directories):
+                self._fsync_dir(directory)
+        except OSError as exc:
+            raise _translate(exc, "tiles") from exc
+
+    def read(self, tile: Tile) -> bytes:
+        try:
+            return (self._root / tile.path).read_bytes()
+        except FileNotFoundError as exc:
+            raise NotFound(f"no {tile.path}") from exc
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {tile.path}: {exc.strerror or exc}") from exc
+
+    def write_checkpoint(self, data: bytes) -> None:
+        try:
+            self._atomic_write(self._root / CHECKPOINT, data)
+            self._fsync_dir(self._root)
+        except OSError as exc:
+            raise _translate(exc, "the checkpoint") from exc
