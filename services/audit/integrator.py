@@ -9,7 +9,8 @@ Owns the order of the durable steps of one integration, which is the crash-consi
    writes again with the same bytes; no client is pointed at them, no checkpoint covers them yet);
 3. produce the batch's dead letters to ``hub.deadletter`` (acks=all, awaited; a crash before 4 repeats them);
 4. commit rows + state + next offset + checkpoint in one SQLite transaction — the commit point;
-5. copy the checkpoint to the served ``checkpoint`` file, and only then show it to readers.
+5. copy the checkpoint to the served ``checkpoint`` file, and only then show it to readers; delete the partial
+   versions of tiles that became full.
 
 A store failure (a full disk) before 4 commits nothing: the integrator says why in :attr:`Integrator.stalled`
 (``/readyz`` fails), keeps the fetched records and retries the same integration until it succeeds. Kafka errors
@@ -29,7 +30,7 @@ from aiokafka.errors import KafkaError
 
 from services.audit.index import LogIndex
 from services.audit.log import Integration, Record, Sequencer
-from services.audit.tiles import Tile
+from services.audit.tiles import TILE_WIDTH, Tile
 from services.audit.tilestore import TileStore
 from services.shared.errors import KafkaUnavailable, NotFound, StoreUnavailable
 
@@ -69,6 +70,7 @@ class Integrator:
         #: Why integration is stopped (a store failure being retried), or None while it runs.
         self.stalled: str | None = None
         self.integrated = asyncio.Event()  # set after every commit (tests and benchmarks wait on it)
+        self._checkpoint_file_stale = False
 
     async def run(self) -> None:
         """Follow the partition until cancelled.
@@ -110,8 +112,8 @@ class Integrator:
             await self._dead_letter(dead.offset, dead.value, dead.reason)
         signed_at = self._clock()
         await asyncio.to_thread(self._index.commit, integration, signed_at=signed_at)
+        # Committed: from here on nothing may send this integration round again.
         self._sequencer.adopt(integration)
-        await asyncio.to_thread(self._tiles.write_checkpoint, integration.signed)
         view = self.view
         self.view = LogView(integration.size, integration.checkpoint.root, integration.signed, signed_at,
                             view.dead_letters + len(integration.dead_letters),
@@ -121,6 +123,20 @@ class Integrator:
                  len(integration.dead_letters), integration.duplicates)  # fmt: skip
         self.integrated.set()
         self.integrated = asyncio.Event()
+        await self._publish_checkpoint()
+        full = [w.tile for w in integration.writes if w.tile.width == TILE_WIDTH]
+        if full:
+            await asyncio.to_thread(self._tiles.prune_partials, full)
+
+    async def _publish_checkpoint(self) -> None:
+        """Copy the committed checkpoint to the served file; on failure the next round tries again (the API
+        serves the committed checkpoint from memory meanwhile)."""
+        try:
+            await asyncio.to_thread(self._tiles.write_checkpoint, self.view.checkpoint)
+            self._checkpoint_file_stale = False
+        except StoreUnavailable as exc:
+            log.error("the checkpoint file is stale: %s", exc.detail)
+            self._checkpoint_file_stale = True
 
     def _prepare(self, records: list[Record]) -> Integration:
         """Steps 1 and 2, in a worker thread."""
@@ -155,3 +171,5 @@ class Integrator:
             return
         self.view = LogView(self.view.size, self.view.root, self.view.checkpoint, now, self.view.dead_letters,
                             self.view.duplicates)  # fmt: skip
+        if self._checkpoint_file_stale:
+            await self._publish_checkpoint()

@@ -6,6 +6,10 @@ idempotent: a path always holds the same bytes (full tiles never change; a parti
 and the tree is a function of the topic), so re-writing after a crash is harmless. An object store can implement
 the same port (PUT is atomic per object); a tile then needs no directory fsync.
 
+Partial tiles accumulate while a tile fills (one per committed size); once the full tile is committed they are
+deleted (tlog-tiles: a log MAY delete a partial tile once the full one is available), so a level holds at most
+one tile's worth of partials. A crash between commit and pruning leaves a few partials behind: harmless.
+
 Blocking I/O: the service calls it from a worker thread. Every OS error becomes :class:`StoreUnavailable` (a full
 disk says so), so the integrator stops and retries instead of committing anything.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +39,10 @@ class TileStore(Protocol):
 
     def write_checkpoint(self, data: bytes) -> None:
         """Replace the served checkpoint atomically. Raises: StoreUnavailable."""
+
+    def prune_partials(self, full: Sequence[Tile]) -> None:
+        """Delete the partial versions of tiles that are now full and committed (tlog-tiles allows it: clients
+        fall back to the full tile). Best effort: a failure leaves harmless garbage."""
 
 
 def _translate(exc: OSError, what: str) -> StoreUnavailable:
@@ -99,3 +108,8 @@ class PosixTileStore:
             self._fsync_dir(self._root)
         except OSError as exc:
             raise _translate(exc, "the checkpoint") from exc
+
+    def prune_partials(self, full: Sequence[Tile]) -> None:
+        for tile in full:
+            partials = self._root / (tile.path + ".p")
+            shutil.rmtree(partials, ignore_errors=True)
