@@ -24,6 +24,8 @@ PURE = [
     "services/audit/note.py",
     "services/audit/checkpoint.py",
     "services/audit/verify.py",
+    "services/audit/log.py",
+    "services/shared/principals.py",
 ]
 FORBIDDEN = {"asyncio", "aiohttp", "aiokafka", "os", "time", "socket", "subprocess", "sqlite3", "random", "secrets"}
 
@@ -60,6 +62,7 @@ def test_importing_every_service_does_no_io_at_import_time() -> None:
         "def refuse(*a, **k):\n    raise SystemExit('network I/O at import time')\n"
         "socket.socket.connect = socket.socket.bind = socket.socket.connect_ex = refuse\n"
         "import services.publisher.service, services.policy.service, services.cli.main, services.shared.cluster\n"
+        "import services.audit.service\n"
         "print('ok')\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
@@ -73,8 +76,15 @@ def test_importing_every_service_does_no_io_at_import_time() -> None:
         ("services.publisher", {"EVHUB_PUBLISHER_UNSAFE_PLAINTEXT": "true"}, "EVHUB_KAFKA_BOOTSTRAP is required"),
         ("services.policy", {}, "EVHUB_KAFKA_BOOTSTRAP is required"),
         ("services.policy", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "TLS is required"),
+        ("services.audit", {}, "EVHUB_KAFKA_BOOTSTRAP is required"),
+        ("services.audit", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "TLS is required"),
+        ("services.audit", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9", "EVHUB_AUDIT_UNSAFE_PLAINTEXT": "true"},
+         "needs its signing key"),
+        ("services.audit", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9", "EVHUB_AUDIT_UNSAFE_PLAINTEXT": "true",
+                            "EVHUB_AUDIT_ORIGIN": "has space"}, "key name"),
     ],
-    ids=["publisher-no-tls", "publisher-no-kafka", "policy-no-kafka", "policy-no-tls"],
+    ids=["publisher-no-tls", "publisher-no-kafka", "policy-no-kafka", "policy-no-tls", "audit-no-kafka",
+         "audit-no-tls", "audit-no-key", "audit-bad-origin"],
 )
 def test_a_misconfigured_service_exits_non_zero_with_one_clear_line(
     tmp_path: Path, module: str, env: dict[str, str], message: str

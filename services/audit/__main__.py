@@ -8,6 +8,7 @@ import signal
 import sys
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from services.audit.service import create_app
 from services.audit.settings import AuditSettings
@@ -50,7 +51,14 @@ def main() -> int:
         stream=sys.stderr,
     )
     try:
-        asyncio.run(serve(AuditSettings()))
+        settings = AuditSettings()
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        print(f"audit service: setting {where.upper()} (EVHUB_AUDIT_…): {first['msg']}", file=sys.stderr)
+        return 5
+    try:
+        asyncio.run(serve(settings))
     except EvidenceHubError as exc:
         print(f"audit service: {exc.detail}", file=sys.stderr)
         return 5 if exc.http_status == 500 else 4

@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
@@ -37,7 +38,15 @@ from services.audit.log import IndexedEntry
 from services.audit.settings import AuditSettings
 from services.audit.tiles import ENTRIES, TILE_HEIGHT, TILE_WIDTH, Tile, TileNodeReader, bundle_entries, parse_path
 from services.audit.tilestore import TileStore
-from services.shared.errors import DecodeError, Forbidden, InfrastructureError, NotFound, ValidationFailed
+from services.shared.errors import (
+    DecodeError,
+    Forbidden,
+    InfrastructureError,
+    InvalidProof,
+    NotFound,
+    StoreUnavailable,
+    ValidationFailed,
+)
 from services.shared.principals import Principal, principal_from_der
 
 INTEGRATOR = web.AppKey("audit_integrator", Integrator)
@@ -47,6 +56,7 @@ SETTINGS = web.AppKey("audit_settings", AuditSettings)
 FAILURE = web.AppKey("audit_failure", list[str])
 CLOCK: web.AppKey[Any] = web.AppKey("audit_clock")
 
+T = TypeVar("T")
 IMMUTABLE: Final = "public, max-age=31536000, immutable"
 DECISIONS: Final = ("RELEASED", "REFUSED", "UNKNOWN")
 
@@ -229,8 +239,8 @@ async def inclusion(request: web.Request) -> web.Response:
     if index >= size:
         raise NotFound(f"entry {index} is not in the tree of size {size}")
     reader = TileNodeReader(view.size, request.app[TILES].read)
-    proof = await asyncio.to_thread(merkle.inclusion_proof, reader, index, size)
-    leaf = await asyncio.to_thread(reader.node, 0, index)
+    proof = await _prove(merkle.inclusion_proof, reader, index, size)
+    leaf = await _prove(reader.node, 0, index)
     note = await asyncio.to_thread(request.app[INDEX].checkpoint_at, size)
     return web.json_response({"index": index, "size": size, "leaf_hash": base64.b64encode(leaf).decode(),
                               "proof": [base64.b64encode(h).decode() for h in proof],
@@ -244,7 +254,7 @@ async def consistency(request: web.Request) -> web.Response:
     if first > second:
         raise ValidationFailed(f"from ({first}) must not exceed to ({second})")
     reader = TileNodeReader(view.size, request.app[TILES].read)
-    proof = await asyncio.to_thread(merkle.consistency_proof, reader, first, second)
+    proof = await _prove(merkle.consistency_proof, reader, first, second)
     return web.json_response({"from": first, "to": second, "proof": [base64.b64encode(h).decode() for h in proof]})
 
 
@@ -259,10 +269,18 @@ async def receipt(request: web.Request) -> web.Response:
     if note is None:
         raise NotFound(f"the log signed no checkpoint of size {size}")
     reader = TileNodeReader(view.size, request.app[TILES].read)
-    proof = await asyncio.to_thread(merkle.inclusion_proof, reader, found.index, size)
+    proof = await _prove(merkle.inclusion_proof, reader, found.index, size)
     data = await asyncio.to_thread(_entry_bytes, request.app[TILES], view.size, [found.index])
     body = TlogProof(found.index, tuple(proof), note, extra=data[found.index]).encode()
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+async def _prove(fn: Callable[..., T], *args: Any) -> T:
+    """Run a proof over stored tiles in a worker thread; a damaged tile is the store's failure, not the caller's."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except InvalidProof as exc:
+        raise StoreUnavailable(f"the stored log is damaged: {exc.detail}", index=exc.index) from exc
 
 
 def add_routes(app: web.Application) -> None:

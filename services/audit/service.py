@@ -27,7 +27,7 @@ from services.audit.integrator import Integrator, LogView
 from services.audit.log import CheckpointSigner, Sequencer
 from services.audit.note import NoteSigner
 from services.audit.settings import AuditSettings
-from services.audit.tiles import TiledTree
+from services.audit.tiles import TILE_HEIGHT, TILE_WIDTH, Tile, TiledTree, TileNodeReader
 from services.audit.tilestore import PosixTileStore, TileStore
 from services.shared.avro import AvroCodec
 from services.shared.errors import (
@@ -44,8 +44,18 @@ from services.shared.kafka import make_consumer, make_producer, partitions_of
 log = logging.getLogger(__name__)
 
 
+def last_full_tiles(size: int) -> list[Tile]:
+    """The last full tile of every level of a tree of ``size`` (the ones the right edge hangs from)."""
+    out, level = [], 0
+    while (count := size >> (TILE_HEIGHT * level)) >= TILE_WIDTH:
+        out.append(Tile(level, count // TILE_WIDTH - 1))
+        level += 1
+    return out
+
+
 def restore(index: LogIndex, tiles: TileStore, signer: NoteSigner, codec: AvroCodec) -> tuple[Sequencer, LogView]:
-    """The committed log, checked: the tiles of the committed size must hash to the committed root.
+    """The committed log, checked: the edge tiles of the committed size must hash to the committed root, and the
+    last full tile of each level must match its parent's hash.
 
     Raises:
         StoreUnavailable: a committed tile or bundle is missing, malformed, or does not match the committed root.
@@ -56,6 +66,9 @@ def restore(index: LogIndex, tiles: TileStore, signer: NoteSigner, codec: AvroCo
         return sequencer, LogView(0, b"", b"", 0.0, 0, 0)
     try:
         tree = TiledTree.restore(state.size, tiles.read)
+        reader = TileNodeReader(state.size, tiles.read)
+        for tile in last_full_tiles(state.size):
+            reader.hashes(tile)  # each checked against its parent's hash, up to the edge
     except (NotFound, InvalidProof) as exc:
         raise StoreUnavailable(f"the tiles of the committed log (size {state.size}) are damaged: {exc.detail}; "
                                "rebuild the log from hub.audit") from exc  # fmt: skip

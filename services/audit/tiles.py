@@ -291,8 +291,11 @@ def _all_edge_tiles(size: int) -> list[Tile]:
 class TileNodeReader:
     """Perfect-subtree hashes of the tree of ``size``, read from its tiles through ``read`` (cached per reader).
 
-    Checks each tile's length; it does not check tiles against a root — callers verify what they derive (a root
-    against a signed checkpoint, a proof against a root), as Go's ``tlog.TileHashReader`` does with its tree.
+    Checks each tile's length, and each *full* tile against the hash its level above holds for it (as Go's
+    ``tlog.TileHashReader`` does), so a changed interior tile fails here with :class:`InvalidProof` naming its
+    first entry. The right-edge partial tiles are taken as read: the caller vouches for them (the service checked
+    them against its committed root on start and has written every one since; a verifier compares the root it
+    derives with a signed checkpoint).
     """
 
     def __init__(self, size: int, read: Callable[[Tile], bytes]) -> None:
@@ -301,8 +304,14 @@ class TileNodeReader:
         self._cache: dict[Tile, list[bytes]] = {}
 
     def hashes(self, tile: Tile) -> list[bytes]:
+        """Raises: InvalidProof if the tile is malformed or (full) does not match its parent's hash."""
         if tile not in self._cache:
-            self._cache[tile] = tile_hashes(self._read(tile), tile)
+            hashes = tile_hashes(self._read(tile), tile)
+            if tile.width == TILE_WIDTH:
+                parent = tile_for(tile.level + 1, tile.index, self._size)
+                if merkle.root_of(hashes) != self.hashes(parent)[tile.index % TILE_WIDTH]:
+                    raise InvalidProof(f"{tile.path} does not match its hash in {parent.path}", index=first_leaf(tile))
+            self._cache[tile] = hashes
         return self._cache[tile]
 
     def node(self, level: int, index: int) -> bytes:

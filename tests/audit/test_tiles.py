@@ -107,3 +107,15 @@ def test_an_entry_too_large_for_a_bundle_is_refused_and_changes_nothing() -> Non
     with pytest.raises(ValueError, match="does not fit"):
         tree.append([b"ok", b"x" * 65_536])
     assert tree.size == 3
+
+
+def test_a_changed_interior_full_tile_fails_when_read_for_a_proof() -> None:
+    tree, store = TiledTree(), Store()
+    for w in tree.append(_entries(1000)):
+        store.files[w.tile.path] = w.data
+    data = bytearray(store.files["tile/0/001"])
+    data[40] ^= 1
+    store.files["tile/0/001"] = bytes(data)
+    with pytest.raises(InvalidProof, match=r"does not match its hash in tile/1/000\.p/3") as info:
+        merkle.inclusion_proof(TileNodeReader(1000, store.read), 300, 1000)
+    assert info.value.index == 256

@@ -315,6 +315,9 @@ func run() error {
 		if err != nil {
 			return fmt.Errorf("earlier checkpoint: %w", err)
 		}
+		if old.size == 0 {
+			continue // every tree extends the empty one; tlog has nothing to prove
+		}
 		proof, err := tlog.ProveTree(t.size, old.size, reader)
 		if err != nil {
 			return err
