@@ -77,9 +77,9 @@ def _other_key(data: bytes) -> bytes:
 
 
 def _other_origin(data: bytes) -> bytes:
-    cp = Checkpoint.parse(data.decode().split("\n\n")[0] + "\n")
-    other = NoteSigner("other.example/log", LOG.key)
-    return Checkpoint("other.example/log", cp.size, cp.root).sign(other)
+    # our key, under our name, over a checkpoint whose origin line names another log
+    text = Checkpoint("other.example/log", 3, Checkpoint.parse(data.decode().split("\n\n")[0] + "\n").root).text()
+    return note.Note(text, (LOG.sign(text),)).encode()
 
 
 def _changed_size(data: bytes) -> bytes:
