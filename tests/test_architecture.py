@@ -78,13 +78,31 @@ def test_importing_every_service_does_no_io_at_import_time() -> None:
         ("services.policy", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "TLS is required"),
         ("services.audit", {}, "EVHUB_KAFKA_BOOTSTRAP is required"),
         ("services.audit", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "TLS is required"),
-        ("services.audit", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9", "EVHUB_AUDIT_UNSAFE_PLAINTEXT": "true"},
-         "needs its signing key"),
-        ("services.audit", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9", "EVHUB_AUDIT_UNSAFE_PLAINTEXT": "true",
-                            "EVHUB_AUDIT_ORIGIN": "has space"}, "key name"),
+        (
+            "services.audit",
+            {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9", "EVHUB_AUDIT_UNSAFE_PLAINTEXT": "true"},
+            "needs its signing key",
+        ),
+        (
+            "services.audit",
+            {
+                "EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9",
+                "EVHUB_AUDIT_UNSAFE_PLAINTEXT": "true",
+                "EVHUB_AUDIT_ORIGIN": "has space",
+            },
+            "key name",
+        ),
     ],
-    ids=["publisher-no-tls", "publisher-no-kafka", "policy-no-kafka", "policy-no-tls", "audit-no-kafka",
-         "audit-no-tls", "audit-no-key", "audit-bad-origin"],
+    ids=[
+        "publisher-no-tls",
+        "publisher-no-kafka",
+        "policy-no-kafka",
+        "policy-no-tls",
+        "audit-no-kafka",
+        "audit-no-tls",
+        "audit-no-key",
+        "audit-bad-origin",
+    ],
 )
 def test_a_misconfigured_service_exits_non_zero_with_one_clear_line(
     tmp_path: Path, module: str, env: dict[str, str], message: str

@@ -152,6 +152,7 @@ def create_app(
             await consumer.stop()
             await producer.stop()
             index.close()
+            tiles.close()
 
     app.cleanup_ctx.append(resources)
     api.add_routes(app)

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -40,6 +41,9 @@ class TileStore(Protocol):
     def write_checkpoint(self, data: bytes) -> None:
         """Replace the served checkpoint atomically. Raises: StoreUnavailable."""
 
+    def close(self) -> None:
+        """Release the store's resources (its writer threads)."""
+
     def prune_partials(self, full: Sequence[Tile]) -> None:
         """Delete the partial versions of tiles that are now full and committed (tlog-tiles allows it: clients
         fall back to the full tile). Best effort: a failure leaves harmless garbage."""
@@ -54,15 +58,17 @@ def _translate(exc: OSError, what: str) -> StoreUnavailable:
 class PosixTileStore:
     """Tiles as files under ``root`` at their C2SP paths (``root/tile/0/000``, ``root/checkpoint``)."""
 
-    def __init__(self, *, root: Path) -> None:
+    def __init__(self, *, root: Path, parallel: int = 8) -> None:
         self._root = root
+        # fsync releases the GIL: files of one integration are written and synced in parallel, so the filesystem
+        # can commit them in fewer journal transactions (one fsync each is still what makes each durable).
+        self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="tiles")
 
     @property
     def root(self) -> Path:
         return self._root
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -84,13 +90,11 @@ class PosixTileStore:
 
     def write(self, writes: Sequence[TileWrite]) -> None:
         try:
-            directories = set()
-            for w in writes:
-                path = self._root / w.tile.path
-                self._atomic_write(path, w.data)
-                directories.add(path.parent)
-            for directory in sorted(directories):
-                self._fsync_dir(directory)
+            paths = [self._root / w.tile.path for w in writes]
+            for path in {p.parent for p in paths}:
+                path.mkdir(parents=True, exist_ok=True)
+            list(self._pool.map(self._atomic_write, paths, [w.data for w in writes]))
+            list(self._pool.map(self._fsync_dir, sorted({p.parent for p in paths})))
         except OSError as exc:
             raise _translate(exc, "tiles") from exc
 
@@ -104,6 +108,7 @@ class PosixTileStore:
 
     def write_checkpoint(self, data: bytes) -> None:
         try:
+            self._root.mkdir(parents=True, exist_ok=True)
             self._atomic_write(self._root / CHECKPOINT, data)
             self._fsync_dir(self._root)
         except OSError as exc:
@@ -113,3 +118,6 @@ class PosixTileStore:
         for tile in full:
             partials = self._root / (tile.path + ".p")
             shutil.rmtree(partials, ignore_errors=True)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
