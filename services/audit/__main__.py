@@ -44,7 +44,10 @@ async def serve(settings: AuditSettings) -> None:
         await runner.cleanup()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Serve; or, with the single argument ``vkey``, print the log's verifier key (what auditors, offices and
+    witnesses configure) and exit."""
+    args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(
         level=logging.INFO,
         format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
@@ -57,6 +60,16 @@ def main() -> int:
         where = ".".join(str(p) for p in first["loc"])
         print(f"audit service: setting {where.upper()} (EVHUB_AUDIT_…): {first['msg']}", file=sys.stderr)
         return 5
+    if args == ["vkey"]:
+        try:
+            print(settings.load_signer().vkey)
+        except EvidenceHubError as exc:
+            print(f"audit service: {exc.detail}", file=sys.stderr)
+            return 5
+        return 0
+    if args:
+        print("usage: python -m services.audit [vkey]", file=sys.stderr)
+        return 2
     try:
         asyncio.run(serve(settings))
     except EvidenceHubError as exc:

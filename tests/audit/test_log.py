@@ -3,6 +3,10 @@ signs two inconsistent checkpoints."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from services.audit import merkle
@@ -81,3 +85,14 @@ def test_integration_is_exactly_once_in_offset_order_with_dead_letters(codec: Av
     assert merkle.tree_root(TileNodeReader(6, lambda t: files[t]), 6) == done.checkpoint.root
     with pytest.raises(Conflict):
         sequencer.adopt(done)  # an integration not built on the current state
+
+
+def test_the_service_prints_its_verifier_key(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    (tmp_path / "log.key").write_bytes(key.to_pem())
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+           "EVHUB_AUDIT_SIGNING_KEY": str(tmp_path / "log.key"), "EVHUB_AUDIT_ORIGIN": "o.example/log"}  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "services.audit", "vkey"], env=env, capture_output=True, text=True,
+                         timeout=60, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == NoteSigner("o.example/log", key).vkey
