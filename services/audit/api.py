@@ -36,7 +36,16 @@ from services.audit.index import EntryQuery, LogIndex
 from services.audit.integrator import Integrator, LogView
 from services.audit.log import IndexedEntry
 from services.audit.settings import AuditSettings
-from services.audit.tiles import ENTRIES, TILE_HEIGHT, TILE_WIDTH, Tile, TileNodeReader, bundle_entries, parse_path
+from services.audit.tiles import (
+    ENTRIES,
+    TILE_HEIGHT,
+    TILE_WIDTH,
+    Tile,
+    TileNodeReader,
+    bundle_entries,
+    parse_path,
+    partial_of,
+)
 from services.audit.tilestore import TileStore
 from services.shared.errors import (
     DecodeError,
@@ -155,8 +164,23 @@ async def tile(request: web.Request) -> web.Response:
         raise Forbidden("entry bundles are for auditors: they name every office's reads")
     if not _covered(wanted, view.size):
         raise NotFound(f"{wanted.path} is not covered by the latest checkpoint")
-    data = await asyncio.to_thread(request.app[TILES].read, wanted)
+    data = await _prove(read_tile, request.app[TILES], wanted)
     return web.Response(body=data, content_type="application/octet-stream", headers={"Cache-Control": IMMUTABLE})
+
+
+def read_tile(tiles: TileStore, tile: Tile) -> bytes:
+    """A tile or bundle; a partial one deleted since (its full tile was committed) is cut from the full one, so a
+    reader holding an older checkpoint, or one racing an integration, still gets it.
+
+    Raises:
+        NotFound: neither exists.
+    """
+    try:
+        return tiles.read(tile)
+    except NotFound:
+        if tile.width == TILE_WIDTH:
+            raise
+        return partial_of(tile, tiles.read(Tile(tile.level, tile.index)))
 
 
 def _entry_bytes(tiles: TileStore, size: int, indexes: list[int]) -> dict[int, bytes]:
@@ -167,7 +191,7 @@ def _entry_bytes(tiles: TileStore, size: int, indexes: list[int]) -> dict[int, b
         if n not in bundles:
             width = TILE_WIDTH if (n + 1) * TILE_WIDTH <= size else size % TILE_WIDTH
             bundle = Tile(ENTRIES, n, width)
-            bundles[n] = bundle_entries(tiles.read(bundle), bundle)
+            bundles[n] = bundle_entries(read_tile(tiles, bundle), bundle)
         out[i] = bundles[n][i % TILE_WIDTH]
     return out
 
@@ -238,7 +262,7 @@ async def inclusion(request: web.Request) -> web.Response:
                 raise Forbidden("an office proves only its own entries")
     if index >= size:
         raise NotFound(f"entry {index} is not in the tree of size {size}")
-    reader = TileNodeReader(view.size, request.app[TILES].read)
+    reader = _reader(request, view)
     proof = await _prove(merkle.inclusion_proof, reader, index, size)
     leaf = await _prove(reader.node, 0, index)
     note = await asyncio.to_thread(request.app[INDEX].checkpoint_at, size)
@@ -253,7 +277,7 @@ async def consistency(request: web.Request) -> web.Response:
     first, second = _size(request, view, "from"), _size(request, view, "to")
     if first > second:
         raise ValidationFailed(f"from ({first}) must not exceed to ({second})")
-    reader = TileNodeReader(view.size, request.app[TILES].read)
+    reader = _reader(request, view)
     proof = await _prove(merkle.consistency_proof, reader, first, second)
     return web.json_response({"from": first, "to": second, "proof": [base64.b64encode(h).decode() for h in proof]})
 
@@ -268,11 +292,16 @@ async def receipt(request: web.Request) -> web.Response:
     note = view.checkpoint if size == view.size else await asyncio.to_thread(request.app[INDEX].checkpoint_at, size)
     if note is None:
         raise NotFound(f"the log signed no checkpoint of size {size}")
-    reader = TileNodeReader(view.size, request.app[TILES].read)
+    reader = _reader(request, view)
     proof = await _prove(merkle.inclusion_proof, reader, found.index, size)
     data = await asyncio.to_thread(_entry_bytes, request.app[TILES], view.size, [found.index])
     body = TlogProof(found.index, tuple(proof), note, extra=data[found.index]).encode()
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+def _reader(request: web.Request, view: LogView) -> TileNodeReader:
+    tiles = request.app[TILES]
+    return TileNodeReader(view.size, lambda t: read_tile(tiles, t))
 
 
 async def _prove(fn: Callable[..., T], *args: Any) -> T:

@@ -137,6 +137,17 @@ def bundle_entries(data: bytes, tile: Tile) -> list[bytes]:
     return entries
 
 
+def partial_of(tile: Tile, full: bytes) -> bytes:
+    """The bytes of partial ``tile`` cut from its full tile's bytes (a partial is a prefix of the full one).
+
+    Raises:
+        InvalidProof: ``full`` is not a well-formed full tile or bundle.
+    """
+    if tile.is_bundle:
+        return bundle_bytes(bundle_entries(full, Tile(ENTRIES, tile.index))[: tile.width])
+    return tile_bytes(tile_hashes(full, Tile(tile.level, tile.index))[: tile.width])
+
+
 def tiles_for_size(size: int) -> list[Tile]:
     """The partial tiles (every level) a tree of ``size`` has at its right edge; full tiles are implied."""
     out, level = [], 0

@@ -146,6 +146,12 @@ async def test_proofs_and_receipts_verify_offline(
     assert verified.checkpoint == new
     async with log.client(office) as http, http.get(f"/v1/log/receipt/{mine['entry_id']}?size=100") as r:
         assert r.status == 404  # not in that tree
+    async with log.client(office) as http:
+        async with http.get("/v1/log/tile/0/000") as r:
+            full = await r.read()
+        async with http.get("/v1/log/tile/0/000.p/100") as r:  # deleted once tile 0 was full: cut from it
+            assert r.status == 200
+            assert await r.read() == full[: 100 * 32]
 
 
 async def test_an_undecodable_record_is_dead_lettered_counted_and_the_log_goes_on(
