@@ -26,7 +26,7 @@ from services.audit.tiles import Tile, TileNodeReader
 from services.audit.verify import verify_entries
 from services.shared.avro import AvroCodec
 from services.shared.cluster import KafkaTarget
-from services.shared.errors import InvalidProof, StoreUnavailable
+from services.shared.errors import DecodeError, InvalidProof, InvalidSignature, StoreUnavailable
 from services.shared.keys import SigningKey
 from tests.audit import golang, support
 from tests.audit.support import ORIGIN, Pki
@@ -255,7 +255,27 @@ async def test_a_changed_tile_is_named_and_the_service_refuses_to_extend_it(
             leaves = [base64.b64decode(e["entry"]) for e in (await r.json())["entries"]]
         async with log.client("auditor") as http, http.get("/v1/log/checkpoint") as r:
             latest = open_checkpoint(await r.read(), log=SIGNER.verifier()).checkpoint
+        async with log.client("auditor") as http, http.get("/v1/log/checkpoint") as r:
+            served = await r.read()
     tiles = settings.tiles_root
+
+    def stored(t: Tile) -> bytes:
+        return (tiles / t.path).read_bytes()
+
+    changed = [*leaves[:123], leaves[123][:-1] + bytes([leaves[123][-1] ^ 1]), *leaves[124:]]
+    for copy, index in ((changed, 123), (leaves[:200] + leaves[201:], 200), ([*leaves[:7], leaves[3], *leaves[7:]], 7)):
+        with pytest.raises(InvalidProof) as info:  # a changed, a deleted, an inserted entry in the served copy
+            verify_entries(copy, latest, stored=stored)
+        assert info.value.index == index
+    forged = bytearray(served)
+    forged[-5] ^= 1
+    for bad in (
+        bytes(forged),
+        served.split(b"\n\n")[0] + b"\n\n",
+        Checkpoint.parse(served.decode().split("\n\n")[0] + "\n").sign(NoteSigner(ORIGIN, SigningKey.generate())),
+    ):
+        with pytest.raises((InvalidSignature, DecodeError)):  # forged, missing, or by another key: refused
+            open_checkpoint(bad, log=SIGNER.verifier())
     for path, index in (("tile/0/000", 77), ("tile/0/001.p/44", 256 + 9)):
         original = (tiles / path).read_bytes()
         data = bytearray(original)
