@@ -25,7 +25,7 @@ import asyncio
 import base64
 import ssl
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
@@ -34,7 +34,7 @@ from services.audit import merkle
 from services.audit.checkpoint import TlogProof
 from services.audit.index import EntryQuery, LogIndex
 from services.audit.integrator import Integrator, LogView
-from services.audit.log import IndexedEntry
+from services.audit.log import IndexedEntry, micros
 from services.audit.settings import AuditSettings
 from services.audit.tiles import (
     ENTRIES,
@@ -66,6 +66,7 @@ FAILURE = web.AppKey("audit_failure", list[str])
 CLOCK: web.AppKey[Any] = web.AppKey("audit_clock")
 
 T = TypeVar("T")
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 IMMUTABLE: Final = "public, max-age=31536000, immutable"
 DECISIONS: Final = ("RELEASED", "REFUSED", "UNKNOWN")
 
@@ -110,7 +111,7 @@ def _micros(request: web.Request, name: str) -> int | None:
         raise ValidationFailed(f"{name} is not an ISO 8601 time: {raw[:40]!r}") from exc
     if at.tzinfo is None:
         raise ValidationFailed(f"{name} must carry a time zone, e.g. 2026-01-31T12:00:00Z")
-    return int(at.timestamp() * 1_000_000)
+    return micros(at)
 
 
 def _size(request: web.Request, view: LogView, name: str = "size") -> int:
@@ -198,7 +199,7 @@ def _entry_bytes(tiles: TileStore, size: int, indexes: list[int]) -> dict[int, b
 
 def _entry_json(e: IndexedEntry, data: bytes) -> dict[str, Any]:
     return {"index": e.index, "entry_id": e.entry_id, "office": e.office, "item_id": e.item_id,
-            "decision": e.decision, "at": datetime.fromtimestamp(e.at_us / 1e6, UTC).isoformat(),
+            "decision": e.decision, "at": (EPOCH + timedelta(microseconds=e.at_us)).isoformat(),
             "action": e.action, "jurisdiction": e.jurisdiction,
             "leaf_hash": base64.b64encode(merkle.leaf_hash(data)).decode(),
             "entry": base64.b64encode(data).decode()}  # fmt: skip

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.audit import merkle
@@ -118,9 +118,13 @@ class CheckpointSigner:
         return signed
 
 
-def _micros(value: Any) -> int:
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def micros(value: Any) -> int:
+    """Microseconds since the epoch, exactly (a float timestamp would round some of them)."""
     if isinstance(value, datetime):
-        return int(value.timestamp() * 1_000_000) if value.tzinfo else 0
+        return (value.astimezone(UTC) - _EPOCH) // timedelta(microseconds=1)
     return int(value)
 
 
@@ -128,7 +132,7 @@ def index_fields(index: int, fields: Mapping[str, Any], offset: int) -> IndexedE
     item = fields.get("item")
     return IndexedEntry(
         index=index, entry_id=fields["entry_id"], office=fields["office"],
-        item_id=item["item_id"] if item else None, decision=str(fields["decision"]), at_us=_micros(fields["at"]),
+        item_id=item["item_id"] if item else None, decision=str(fields["decision"]), at_us=micros(fields["at"]),
         action=fields["action"], jurisdiction=fields["jurisdiction"], offset=offset,
     )  # fmt: skip
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from services.audit import merkle
 from services.audit.checkpoint import Checkpoint
-from services.audit.log import CheckpointSigner, Record, Sequencer
+from services.audit.log import CheckpointSigner, Record, Sequencer, micros
 from services.audit.note import NoteSigner
 from services.audit.tiles import Tile, TiledTree, TileNodeReader
 from services.shared.avro import AvroCodec
@@ -96,3 +97,9 @@ def test_the_service_prints_its_verifier_key(tmp_path: Path) -> None:
                          timeout=60, check=False)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == NoteSigner("o.example/log", key).vkey
+
+
+def test_times_are_indexed_to_the_exact_microsecond() -> None:
+    at = datetime(2026, 5, 1, 12, 0, 0, 999_999, tzinfo=UTC)
+    assert micros(at) == 1_777_636_800_999_999
+    assert micros(datetime(2262, 4, 11, 23, 47, 16, 854_775, tzinfo=UTC)) == 9_223_372_036_854_775
