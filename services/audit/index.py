@@ -149,9 +149,10 @@ class SqliteIndex:
             db = self._writer
             try:
                 db.execute("BEGIN IMMEDIATE")
-                current = db.execute("SELECT size FROM state").fetchone()
-                if (current[0] if current else 0) != integration.start:
-                    raise StoreUnavailable(f"the index is at size {current}, not {integration.start}")
+                row = db.execute("SELECT size FROM state").fetchone()
+                current = row[0] if row else 0
+                if current != integration.start:
+                    raise StoreUnavailable(f"the index is at size {current}, not {integration.start}: another writer?")
                 db.executemany(f"INSERT INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", rows)  # noqa: S608
                 db.execute(
                     "INSERT INTO state (id, size, root, next_offset, dead_letters, duplicates, signed_at) "
