@@ -219,3 +219,4 @@ async def policy_decide_hit(ctx: Context) -> int:
     engine: PolicyEngine = ctx.state["engine"]
     engine.decide("DE-GBA-WCU", READ_ITEM, ctx.state["items"][0], ctx.state["at"], "prosecution")  # prime
     return _decide_loop(ctx, engine.decide)
+

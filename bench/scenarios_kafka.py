@@ -153,10 +153,7 @@ async def confluent_produce(ctx: Context) -> int:
 
 
 @scenario(
-    name="confluent-consume",
-    unit="events/s",
-    baseline="aiokafka-consume",
-    events=CONFLUENT_CONSUME_N,
+    name="confluent-consume", unit="events/s", baseline="aiokafka-consume", events=CONFLUENT_CONSUME_N,
     setup=_preproduce,
 )
 async def confluent_consume(ctx: Context) -> int:

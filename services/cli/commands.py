@@ -27,13 +27,12 @@ async def run_kafka(args: argparse.Namespace) -> int:
     settings = KafkaSettings()
     async with akafka_cluster(settings) as target:
         created = await ensure_topics(target.bootstrap, hub_topics(args.jurisdiction))
-        print(
-            f"Kafka ({target.kind}) at {target.bootstrap}"
-            + (f", started in {target.startup_seconds:.1f}s, pid {target.pid}" if target.pid else "")
-        )
+        print(f"Kafka ({target.kind}) at {target.bootstrap}"
+              + (f", started in {target.startup_seconds:.1f}s, pid {target.pid}" if target.pid else ""))
         if target.log_file:
             print(f"broker log: {target.log_file}")
         print(f"topics created: {', '.join(created) or '(all existed)'}")
         print("Ctrl-C stops it.", flush=True)
         await asyncio.Event().wait()
     return 0
+

@@ -176,15 +176,8 @@ async def _decide(out: Console, codec: AvroCodec, bootstrap: str, admin: Signing
     registry = KeyRegistry(codec, anchors=[anchor.public])
     registry.apply_all(r.value for r in await read_to_end(bootstrap, KEYS_TOPIC) if r.value is not None)
     shown = 6
-    table = Table(
-        "office",
-        "item",
-        "classification",
-        "decision",
-        "protected fields withheld",
-        "determined by",
-        title=f"the first {shown} items of each office's feed, decided now for the purpose 'prosecution'",
-    )
+    table = Table("office", "item", "classification", "decision", "protected fields withheld", "determined by",
+                  title=f"the first {shown} items of each office's feed, decided now for the purpose 'prosecution'")
     now = datetime.now(UTC)
     for j, office in OFFICES.items():
         topic = evidence_topic(j)

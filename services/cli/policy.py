@@ -74,6 +74,7 @@ def register(sub: Any) -> None:
     kafka_args(show)
     show.set_defaults(handler=run_show)
 
+
     explain = verbs.add_parser("explain", help="decide one read and print the policies that determined it")
     kafka_args(explain)
     explain.add_argument("--office", required=True)

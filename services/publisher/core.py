@@ -94,7 +94,9 @@ def parse_metadata(raw: Mapping[str, Any] | bytes) -> EvidenceMetadata:
             return EvidenceMetadata.model_validate_json(raw)
         return EvidenceMetadata.model_validate(raw)
     except ValidationError as exc:
-        errors = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]} for e in exc.errors()]
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]} for e in exc.errors()
+        ]
         raise ValidationFailed("the evidence metadata is invalid", errors=errors) from None
 
 

@@ -46,11 +46,7 @@ Acceptor = Callable[[bytes], None]
 
 class ContentStore(Protocol):
     async def put(
-        self,
-        chunks: AsyncIterable[bytes],
-        *,
-        max_size: int,
-        accept: Acceptor | None = None,
+        self, chunks: AsyncIterable[bytes], *, max_size: int, accept: Acceptor | None = None,
         expected_sha256: str | None = None,
     ) -> StoredContent: ...
     async def exists(self, sha256: str) -> bool: ...
@@ -80,11 +76,7 @@ class LocalContentStore:
         return self._objects / sha256[:2] / sha256
 
     async def put(
-        self,
-        chunks: AsyncIterable[bytes],
-        *,
-        max_size: int,
-        accept: Acceptor | None = None,
+        self, chunks: AsyncIterable[bytes], *, max_size: int, accept: Acceptor | None = None,
         expected_sha256: str | None = None,
     ) -> StoredContent:
         """Stream ``chunks`` into the store. ``accept(head)`` runs after the last byte arrived and before anything
@@ -113,8 +105,7 @@ class LocalContentStore:
                 if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
                     raise DigestMismatch(
                         f"the file received has SHA-256 {digest.hexdigest()}, the sender announced {expected_sha256}",
-                        received=digest.hexdigest(),
-                        announced=expected_sha256,
+                        received=digest.hexdigest(), announced=expected_sha256,
                     )
                 if accept is not None:
                     accept(bytes(head))

@@ -199,7 +199,9 @@ class LocalKafka:
         self._broker_port, controller_port = free_port(), free_port()
         while controller_port == self._broker_port:
             controller_port = free_port()
-        props = server_properties(broker_port=self._broker_port, controller_port=controller_port, log_dir=self.log_dir)
+        props = server_properties(
+            broker_port=self._broker_port, controller_port=controller_port, log_dir=self.log_dir
+        )
         props.update(self.extra)
         config = self.workdir / "server.properties"
         config.write_text(render_properties(props), encoding="utf-8")
@@ -247,7 +249,9 @@ class LocalKafka:
         return "(no log written)"
 
     def _formatted(self, result: subprocess.CompletedProcess[bytes] | tuple[int, bytes]) -> None:
-        code, output = (result.returncode, result.stdout) if isinstance(result, subprocess.CompletedProcess) else result
+        code, output = (
+            (result.returncode, result.stdout) if isinstance(result, subprocess.CompletedProcess) else result
+        )
         if code != 0:
             raise BrokerStartError(f"formatting KRaft storage failed: {output.decode(errors='replace')[-500:]}")
 
@@ -314,7 +318,9 @@ class LocalKafka:
                     await asyncio.sleep(0.1)
         except TimeoutError:
             self.stop()
-            raise BrokerStartError(f"broker not ready after {self.start_timeout:.0f}s:\n{self.tail_log()}") from None
+            raise BrokerStartError(
+                f"broker not ready after {self.start_timeout:.0f}s:\n{self.tail_log()}"
+            ) from None
         except BaseException:
             self.stop()
             raise
