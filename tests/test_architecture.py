@@ -18,6 +18,7 @@ PURE = [
     "services/shared/registry.py",
     "services/shared/envelope.py",
     "services/shared/audit_records.py",
+    "services/shared/filenames.py",
     "services/policy/attributes.py",
     "services/audit/merkle.py",
     "services/audit/tiles.py",

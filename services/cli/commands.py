@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from services.shared.cluster import akafka_cluster
-from services.shared.kafka import ensure_topics, hub_topics
+from services.shared.kafka import ensure_hub_topics, hub_topics
 from services.shared.settings import KafkaSettings
 
 
@@ -26,7 +26,7 @@ def register(sub: Any) -> None:
 async def run_kafka(args: argparse.Namespace) -> int:
     settings = KafkaSettings()
     async with akafka_cluster(settings) as target:
-        created = await ensure_topics(target.bootstrap, hub_topics(args.jurisdiction))
+        created = (await ensure_hub_topics(target.bootstrap, hub_topics(args.jurisdiction), kafka=settings)).created
         print(f"Kafka ({target.kind}) at {target.bootstrap}"
               + (f", started in {target.startup_seconds:.1f}s, pid {target.pid}" if target.pid else ""))
         if target.log_file:

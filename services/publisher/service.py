@@ -34,8 +34,9 @@ from services.publisher.settings import PublisherSettings
 from services.shared.avro import AvroCodec
 from services.shared.content import ContentStore, LocalContentStore
 from services.shared.errors import ConfigurationError, Forbidden, KafkaUnavailable, PayloadTooLarge, ValidationFailed
+from services.shared.filenames import check_file_name
 from services.shared.http import peer_common_name, problem_middleware
-from services.shared.kafka import KEYS_TOPIC, ensure_topics, hub_topics, make_producer, read_to_end
+from services.shared.kafka import KEYS_TOPIC, ensure_hub_topics, hub_topics, make_producer, read_to_end
 from services.shared.media import sniff
 from services.shared.registry import KeyRegistry
 
@@ -92,6 +93,7 @@ async def _read_upload(request: web.Request) -> tuple[core.EvidenceMetadata, Con
     if not isinstance(part, BodyPartReader) or part.name != "file":
         raise ValidationFailed("the second part must be 'file'", errors=[{"field": "file", "message": "missing"}])
     file_part = part
+    name = meta.file_name or (check_file_name(part.filename, field="file.filename") if part.filename else None)
     detected: list[str] = []
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -103,8 +105,8 @@ async def _read_upload(request: web.Request) -> tuple[core.EvidenceMetadata, Con
 
     announced = repr_digest_sha256(request.headers.get("Repr-Digest"))
     stored = await store.put(chunks(), max_size=settings.max_file_bytes, accept=accept, expected_sha256=announced)
-    name = meta.file_name or file_part.filename or stored.sha256
-    return meta, ContentInfo(sha256=stored.sha256, size=stored.size, media_type=detected[0], file_name=name)
+    return meta, ContentInfo(sha256=stored.sha256, size=stored.size, media_type=detected[0],
+                             file_name=name or stored.sha256)  # fmt: skip
 
 
 def repr_digest_sha256(header: str | None) -> str | None:
@@ -212,8 +214,7 @@ async def _own_resources(app: web.Application) -> AsyncIterator[None]:
     if not bootstrap:
         raise ConfigurationError("EVHUB_KAFKA_BOOTSTRAP is required to run the publisher")
     codec, signer = AvroCodec.load(), settings.signing_key()
-    topics = hub_topics(settings.jurisdictions, min_insync_replicas=settings.kafka.min_insync_replicas)
-    await ensure_topics(bootstrap, topics, replication_factor=settings.kafka.replication_factor)
+    await ensure_hub_topics(bootstrap, hub_topics(settings.jurisdictions), kafka=settings.kafka)
     registry = await _load_registry(codec, settings, bootstrap)
     app[OWN_REGISTRY] = True
     producer = make_producer(bootstrap, client_id="evhub-publisher")
