@@ -3,8 +3,9 @@
 On start it opens the index (the commit point) and the tile store, restores the tree's right edge from the tiles
 of the committed size and checks that they hash to the committed root (a store that lost or changed a tile
 refuses to start rather than extend a different tree), re-publishes the committed checkpoint file, and seeks
-``hub.audit`` (which must have exactly one partition: its offset order is the log's order) to the committed
-offset. A crash of the integrator task fails the service loudly: ``/healthz`` and every route answer 503.
+``hub.audit`` (created like every hub topic if missing; it must have exactly one partition: its offset order is
+the log's order) to the committed offset. A crash of the integrator task fails the service loudly: ``/healthz``
+and every route answer 503.
 
 Does not own: what integration does (``log``, ``integrator``) or what the routes answer (``api``).
 """
@@ -39,7 +40,16 @@ from services.shared.errors import (
     StoreUnavailable,
 )
 from services.shared.http import problem_middleware
-from services.shared.kafka import make_consumer, make_producer, partitions_of
+from services.shared.kafka import (
+    AUDIT_TOPIC,
+    DEAD_LETTER_TOPIC,
+    TopicSpec,
+    ensure_hub_topics,
+    hub_topics,
+    make_consumer,
+    make_producer,
+    partitions_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +116,10 @@ def create_app(
     app[api.FAILURE] = []
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
+        specs = {s.name: s for s in hub_topics([])}
+        await ensure_hub_topics(bootstrap, [TopicSpec(settings.topic, 1, specs[AUDIT_TOPIC].config),
+                                            TopicSpec(settings.dead_letter_topic, 1, specs[DEAD_LETTER_TOPIC].config)],
+                                kafka=settings.kafka)  # fmt: skip
         partitions = await partitions_of(bootstrap, settings.topic)
         if partitions != [0]:
             raise ConfigurationError(f"{settings.topic} must have exactly one partition (it has {len(partitions)}): "

@@ -18,7 +18,8 @@ from services.audit.note import NoteSigner
 from services.audit.verify import verify_entries
 from services.shared.avro import AvroCodec
 from services.shared.cluster import KafkaTarget
-from services.shared.kafka import make_consumer
+from services.shared.errors import ConfigurationError
+from services.shared.kafka import TopicSpec, ensure_topics, make_consumer, partitions_of
 from services.shared.keys import SigningKey
 from tests.audit import support
 from tests.audit.support import ORIGIN, Pki, Running
@@ -203,3 +204,19 @@ async def test_a_restart_resumes_exactly_where_the_last_commit_ended(
         merkle.verify_consistency(20, 60, before.root, after.root, [base64.b64decode(h) for h in proof["proof"]])
         ready = await _json(second, "auditor", "/readyz")
         assert ready["size"] == 60
+
+
+async def test_missing_topics_are_created_and_a_partitioned_one_refused(
+    kafka: KafkaTarget, topic_name: str, tmp_path: Path, pki: Pki
+) -> None:
+    fresh = (f"{topic_name}.new.audit", f"{topic_name}.new.dlq")
+    settings = support.settings_for(tmp_path / "a", *fresh, pki)
+    async with support.running(settings, bootstrap=kafka.bootstrap, signer=SIGNER, pki=pki) as log:
+        assert (await _json(log, "auditor", "/healthz"))["size"] == 0
+    assert await partitions_of(kafka.bootstrap, fresh[0]) == [0]
+    split = f"{topic_name}.split.audit"
+    await ensure_topics(kafka.bootstrap, [TopicSpec(split, 2)])
+    with pytest.raises(ConfigurationError, match="exactly one partition"):
+        async with support.running(support.settings_for(tmp_path / "b", split, fresh[1], pki),
+                                   bootstrap=kafka.bootstrap, signer=SIGNER, pki=pki):  # fmt: skip
+            pass
