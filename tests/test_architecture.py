@@ -20,8 +20,14 @@ PURE = [
     "services/shared/audit_records.py",
     "services/shared/filenames.py",
     "services/policy/attributes.py",
-    "services/shared/sequences.py",
+    "services/audit/merkle.py",
+    "services/audit/tiles.py",
+    "services/audit/note.py",
+    "services/audit/checkpoint.py",
+    "services/audit/verify.py",
+    "services/audit/log.py",
     "services/shared/principals.py",
+    "services/shared/sequences.py",
     "services/gateway/cursor.py",
     "services/gateway/release.py",
     "services/gateway/ranges.py",
@@ -64,7 +70,7 @@ def test_importing_every_service_does_no_io_at_import_time() -> None:
         "def refuse(*a, **k):\n    raise SystemExit('network I/O at import time')\n"
         "socket.socket.connect = socket.socket.bind = socket.socket.connect_ex = refuse\n"
         "import services.publisher.service, services.policy.service, services.cli.main, services.shared.cluster\n"
-        "import services.gateway.service, services.gateway.__main__\n"
+        "import services.audit.service, services.gateway.service, services.gateway.__main__\n"
         "print('ok')\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
@@ -82,7 +88,7 @@ def _service_imports(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("service", ["publisher", "policy", "gateway"])
+@pytest.mark.parametrize("service", ["publisher", "policy", "gateway", "audit"])
 def test_services_depend_on_shared_and_the_gateway_only_on_the_policy_library(service: str) -> None:
     offenders = []
     for path in (ROOT / "services" / service).rglob("*.py"):
@@ -103,8 +109,33 @@ def test_services_depend_on_shared_and_the_gateway_only_on_the_policy_library(se
         ("services.publisher", {"EVHUB_PUBLISHER_UNSAFE_PLAINTEXT": "true"}, "EVHUB_KAFKA_BOOTSTRAP is required"),
         ("services.policy", {}, "EVHUB_KAFKA_BOOTSTRAP is required"),
         ("services.policy", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "TLS is required"),
+        ("services.audit", {}, "EVHUB_KAFKA_BOOTSTRAP is required"),
+        ("services.audit", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "TLS is required"),
+        (
+            "services.audit",
+            {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9", "EVHUB_AUDIT_UNSAFE_PLAINTEXT": "true"},
+            "needs its signing key",
+        ),
+        (
+            "services.audit",
+            {
+                "EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9",
+                "EVHUB_AUDIT_UNSAFE_PLAINTEXT": "true",
+                "EVHUB_AUDIT_ORIGIN": "has space",
+            },
+            "key name",
+        ),
     ],
-    ids=["publisher-no-tls", "publisher-no-kafka", "policy-no-kafka", "policy-no-tls"],
+    ids=[
+        "publisher-no-tls",
+        "publisher-no-kafka",
+        "policy-no-kafka",
+        "policy-no-tls",
+        "audit-no-kafka",
+        "audit-no-tls",
+        "audit-no-key",
+        "audit-bad-origin",
+    ],
 )
 def test_a_misconfigured_service_exits_non_zero_with_one_clear_line(
     tmp_path: Path, module: str, env: dict[str, str], message: str

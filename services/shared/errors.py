@@ -15,7 +15,8 @@
     ├── TrustError                   a signature, key or envelope can't be trusted (one opaque message)
     │   ├── InvalidSignature         any way a signature can be wrong (422 at the edge)
     │   ├── UntrustedKey             unknown, expired, revoked or weak key
-    │   └── ReplayDetected           a sequence number reused by a different envelope
+    │   ├── ReplayDetected           a sequence number reused by a different envelope
+    │   └── InvalidProof             a Merkle proof, tile, entry or checkpoint does not match a signed tree
     ├── DecodeError                  untrusted bytes failed bounded decoding (Avro, cursor, …) (422)
     ├── PolicyError                  a policy version failed to parse, validate or verify (422)
     ├── InfrastructureError          a dependency failed                        → 503, retriable
@@ -130,6 +131,17 @@ class UntrustedKey(TrustError):
 class ReplayDetected(TrustError):
     title = "Replayed event"
     type_slug = "replay"
+
+
+class InvalidProof(TrustError):
+    """The log does not prove what it claims. ``index`` (when known) names the first entry or tile index at fault."""
+
+    title = "Invalid proof"
+    type_slug = "invalid-proof"
+
+    def __init__(self, detail: str, *, index: int | None = None, **extensions: Any) -> None:
+        super().__init__(detail, **({"index": index} if index is not None else {}), **extensions)
+        self.index = index
 
 
 class DecodeError(EvidenceHubError):
