@@ -32,6 +32,7 @@ class KafkaSettings(BaseSettings):
     image: str = "apache/kafka:4.3.1"
     cache_dir: Path = Field(default_factory=default_cache_dir)
     work_root: Path | None = None
+    data_dir: Path | None = Field(default=None, description="persistent local broker: its data survives restarts")
     heap_mb: int = Field(default=512, ge=256, le=8192)
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
     replication_factor: int = Field(default=1, ge=1, le=7, description="for the hub's topics")
