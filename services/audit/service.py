@@ -102,9 +102,9 @@ def create_app(
     Raises:
         ConfigurationError: no Kafka bootstrap, or no usable signing key.
     """
-    bootstrap = bootstrap or settings.kafka.bootstrap
-    if not bootstrap:
+    if not (bootstrap or settings.kafka.bootstrap):
         raise ConfigurationError("the audit service needs a Kafka bootstrap (EVHUB_KAFKA_BOOTSTRAP)")
+    kafka = settings.kafka.connection(bootstrap)  # its client certificate on a locked-down cluster
     signer = signer or settings.load_signer()
     if signer.name != settings.origin:
         raise ConfigurationError(f"the signing key's name {signer.name!r} is not the origin {settings.origin!r}")
@@ -117,20 +117,20 @@ def create_app(
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         specs = {s.name: s for s in hub_topics([])}
-        await ensure_hub_topics(bootstrap, [TopicSpec(settings.topic, 1, specs[AUDIT_TOPIC].config),
+        await ensure_hub_topics(kafka, [TopicSpec(settings.topic, 1, specs[AUDIT_TOPIC].config),
                                             TopicSpec(settings.dead_letter_topic, 1, specs[DEAD_LETTER_TOPIC].config)],
                                 kafka=settings.kafka)  # fmt: skip
-        partitions = await partitions_of(bootstrap, settings.topic)
+        partitions = await partitions_of(kafka, settings.topic)
         if partitions != [0]:
             raise ConfigurationError(f"{settings.topic} must have exactly one partition (it has {len(partitions)}): "
                                      "its offset order is the log's order")  # fmt: skip
         index = await asyncio.to_thread(SqliteIndex, path=settings.index_file)
         tiles = PosixTileStore(root=settings.tiles_root)
         tp = TopicPartition(settings.topic, 0)
-        consumer = make_consumer(bootstrap, group_id=None, client_id="evhub-audit",
+        consumer = make_consumer(kafka, group_id=None, client_id="evhub-audit",
                                  max_partition_fetch_bytes=settings.fetch_max_bytes,
                                  fetch_max_bytes=settings.fetch_max_bytes)  # fmt: skip
-        producer = make_producer(bootstrap, client_id="evhub-audit")
+        producer = make_producer(kafka, client_id="evhub-audit")
         task: asyncio.Task[None] | None = None
         try:
             sequencer, view = await asyncio.to_thread(restore, index, tiles, signer, codec)
@@ -158,7 +158,7 @@ def create_app(
             task.add_done_callback(crashed)
             yield
         except KafkaError as exc:
-            raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer: {exc}") from exc
+            raise KafkaUnavailable(f"Kafka at {kafka} did not answer: {exc}") from exc
         finally:
             if task is not None:
                 task.cancel()

@@ -17,6 +17,7 @@ from typing import Any
 from services.shared.avro import AvroCodec
 from services.shared.errors import ConfigurationError, EvidenceHubError, ValidationFailed
 from services.shared.kafka import EVIDENCE_PREFIX, KEYS_TOPIC, evidence_topic, make_producer, read_to_end
+from services.shared.kafka_connection import KafkaConnection
 from services.shared.keys import PublicKey, SigningKey
 from services.shared.registry import KeyRegistry, issue
 from services.shared.settings import KafkaSettings
@@ -62,11 +63,16 @@ def _aware(text: str) -> datetime:
     return moment
 
 
-def _bootstrap() -> str:
-    bootstrap = KafkaSettings().bootstrap
-    if not bootstrap:
+def _bootstrap() -> KafkaConnection:
+    """The cluster, with this shell's client certificate (``EVHUB_KAFKA_SSL_*``) on a locked-down one.
+
+    Raises:
+        ConfigurationError: no bootstrap address, or incomplete or unreadable TLS files.
+    """
+    settings = KafkaSettings()
+    if not settings.bootstrap:
         raise ConfigurationError("set EVHUB_KAFKA_BOOTSTRAP to the hub's Kafka cluster")
-    return bootstrap
+    return settings.connection()
 
 
 def _read(path: Path) -> bytes:

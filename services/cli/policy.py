@@ -28,6 +28,7 @@ from services.policy.topic import load_store, publish_version
 from services.policy.version import sign, trusted_keys
 from services.shared.errors import ConfigurationError, EvidenceHubError, NotFound, PolicyError, ValidationFailed
 from services.shared.kafka import POLICY_TOPIC
+from services.shared.kafka_connection import KafkaConnection
 from services.shared.keys import SigningKey
 from services.shared.settings import KafkaSettings, read_public_keys
 
@@ -92,11 +93,16 @@ def register(sub: Any) -> None:
     explain.set_defaults(handler=run_explain)
 
 
-def _bootstrap() -> str:
-    bootstrap = KafkaSettings().bootstrap
-    if not bootstrap:
+def _bootstrap() -> KafkaConnection:
+    """The cluster, with this shell's client certificate (``EVHUB_KAFKA_SSL_*``) on a locked-down one.
+
+    Raises:
+        ConfigurationError: no bootstrap address, or incomplete or unreadable TLS files.
+    """
+    settings = KafkaSettings()
+    if not settings.bootstrap:
         raise ConfigurationError("set EVHUB_KAFKA_BOOTSTRAP to the cluster holding hub.policy")
-    return bootstrap
+    return settings.connection()
 
 
 def _empty_store(args: argparse.Namespace) -> PolicyStore:

@@ -30,12 +30,13 @@ from services.shared.audit_records import encode_batch, encode_entry, split_batc
 from services.shared.avro import AvroCodec
 from services.shared.errors import AuditUnavailable
 from services.shared.kafka import make_producer
+from services.shared.kafka_connection import Kafka
 
 log = logging.getLogger(__name__)
 
 
 class AuditWriter:
-    def __init__(self, *, bootstrap: str, topic: str, gateway: str, codec: AvroCodec, timeout_s: float,
+    def __init__(self, *, bootstrap: Kafka, topic: str, gateway: str, codec: AvroCodec, timeout_s: float,
                  client_id: str) -> None:  # fmt: skip
         self._bootstrap, self.topic, self._gateway = bootstrap, topic, gateway
         self._codec, self._timeout_s, self._client_id = codec, timeout_s, client_id

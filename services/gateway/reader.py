@@ -40,6 +40,7 @@ from services.shared.envelope import KeyResolver, open_envelope
 from services.shared.errors import DecodeError, EvidenceHubError, KafkaUnavailable, TrustError, UntrustedKey
 from services.shared.follower import TopicFollower
 from services.shared.kafka import make_consumer, partitions_of
+from services.shared.kafka_connection import Kafka
 from services.shared.sequences import SequenceTracker
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class _RetryLater(Exception):
 
 class TopicReader:
     def __init__(
-        self, *, topic: str, bootstrap: str, codec: AvroCodec, keys: KeyResolver, keys_follower: TopicFollower,
+        self, *, topic: str, bootstrap: Kafka, codec: AvroCodec, keys: KeyResolver, keys_follower: TopicFollower,
         store: GatewayStore, deadletters: DeadLetters, tail_records: int, client_id: str, window: int = 256,
     ) -> None:  # fmt: skip
         self.topic = topic
@@ -272,7 +273,7 @@ class TopicReader:
 class CatchUp:
     """Old offsets for offices catching up: a bounded pool of consumers, verification under today's registry."""
 
-    def __init__(self, *, bootstrap: str, codec: AvroCodec, keys: KeyResolver, concurrency: int, client_id: str,
+    def __init__(self, *, bootstrap: Kafka, codec: AvroCodec, keys: KeyResolver, concurrency: int, client_id: str,
                  timeout_s: float = 10.0) -> None:  # fmt: skip
         self._bootstrap, self._codec, self._keys = bootstrap, codec, keys
         self._client_id, self._timeout_s = client_id, timeout_s

@@ -304,9 +304,9 @@ def create_app(
     Raises:
         ConfigurationError: no Kafka bootstrap, no trust anchor, no policy-admin key, or no cursor key.
     """
-    bootstrap = bootstrap or settings.kafka.bootstrap
-    if not bootstrap:
+    if not (bootstrap or settings.kafka.bootstrap):
         raise ConfigurationError("the gateway needs a Kafka bootstrap (EVHUB_KAFKA_BOOTSTRAP)")
+    kafka = settings.kafka.connection(bootstrap)  # with the gateway's client certificate on a locked-down cluster
     codec = AvroCodec.load()
     registry = KeyRegistry(codec, anchors=list(anchors) if anchors is not None else settings.trust_anchors())
     trusted = trusted_keys(tuple(admin_keys) if admin_keys is not None else tuple(settings.admin_keys()))
@@ -325,15 +325,15 @@ def create_app(
             log.error("key record %s[%d]@%d refused: %s", record.topic, record.partition, record.offset, exc.detail)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        await ensure_hub_topics(bootstrap, gateway_topics(settings), kafka=settings.kafka)
+        await ensure_hub_topics(kafka, gateway_topics(settings), kafka=settings.kafka)
         store = GatewayStore(settings.data_dir / "gateway.sqlite3")
-        keys_follower = TopicFollower(bootstrap=bootstrap, topic=settings.keys_topic, client_id="evhub-gateway-keys",
+        keys_follower = TopicFollower(bootstrap=kafka, topic=settings.keys_topic, client_id="evhub-gateway-keys",
                                       on_record=apply_key)  # fmt: skip
-        policy.follow(bootstrap=bootstrap, topic=settings.policy_topic, client_id="evhub-gateway-policy")
-        dlq_producer = make_producer(bootstrap, client_id="evhub-gateway-deadletter")
-        audit = AuditWriter(bootstrap=bootstrap, topic=settings.audit_topic, gateway=settings.instance, codec=codec,
+        policy.follow(bootstrap=kafka, topic=settings.policy_topic, client_id="evhub-gateway-policy")
+        dlq_producer = make_producer(kafka, client_id="evhub-gateway-deadletter")
+        audit = AuditWriter(bootstrap=kafka, topic=settings.audit_topic, gateway=settings.instance, codec=codec,
                             timeout_s=settings.audit_timeout_s, client_id="evhub-gateway-audit")  # fmt: skip
-        catchup = CatchUp(bootstrap=bootstrap, codec=codec, keys=registry, concurrency=settings.catchup_concurrency,
+        catchup = CatchUp(bootstrap=kafka, codec=codec, keys=registry, concurrency=settings.catchup_concurrency,
                           client_id="evhub-gateway-catchup")  # fmt: skip
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -341,7 +341,7 @@ def create_app(
             deadletters = DeadLetters(dlq_producer, topic=settings.deadletter_topic)
             app[DEADLETTERS] = deadletters
             readers = {
-                j: TopicReader(topic=evidence_topic(j), bootstrap=bootstrap, codec=codec, keys=registry,
+                j: TopicReader(topic=evidence_topic(j), bootstrap=kafka, codec=codec, keys=registry,
                                keys_follower=keys_follower, store=store, deadletters=deadletters,
                                tail_records=settings.tail_records, client_id=f"evhub-gateway-{j}")
                 for j in settings.jurisdictions

@@ -148,9 +148,9 @@ def create_app(
     Raises:
         ConfigurationError: no Kafka bootstrap, or no usable policy-admin key.
     """
-    bootstrap = bootstrap or settings.kafka.bootstrap
-    if not bootstrap:
+    if not (bootstrap or settings.kafka.bootstrap):
         raise ConfigurationError("the policy service needs a Kafka bootstrap (EVHUB_KAFKA_BOOTSTRAP)")
+    connection = settings.kafka.connection(bootstrap)  # its client certificate on a locked-down cluster
     trusted = trusted_keys(tuple(keys) if keys is not None else tuple(settings.load_admin_keys()))
     app = web.Application(middlewares=[problem_middleware], client_max_size=settings.max_body_bytes)
     store = PolicyStore(trusted=trusted, max_clock_skew=settings.max_clock_skew)
@@ -159,10 +159,10 @@ def create_app(
     app[CLOCK] = clock or (lambda: datetime.now(UTC))
 
     async def kafka(app: web.Application) -> AsyncIterator[None]:
-        await ensure_policy_topic(bootstrap, settings.topic, kafka=settings.kafka)
+        await ensure_policy_topic(connection, settings.topic, kafka=settings.kafka)
         state = app[STATE]
-        follower = state.follow(bootstrap=bootstrap, topic=settings.topic, client_id="evhub-policy-service")
-        producer = make_producer(bootstrap, client_id="evhub-policy-service")
+        follower = state.follow(bootstrap=connection, topic=settings.topic, client_id="evhub-policy-service")
+        producer = make_producer(connection, client_id="evhub-policy-service")
         task: asyncio.Task[None] | None = None
 
         def crashed(t: asyncio.Task[None]) -> None:

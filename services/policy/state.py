@@ -18,6 +18,7 @@ from typing import Final
 from services.policy.engine import PolicyEngine, PolicyStore
 from services.shared.errors import InfrastructureError
 from services.shared.follower import Record, TopicFollower
+from services.shared.kafka_connection import Kafka
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -39,7 +40,7 @@ class PolicyState:
         self.store.ingest(record.value or b"", where=f"{record.topic}[{record.partition}]@{record.offset}",
                           appended_at=_EPOCH + timedelta(milliseconds=record.timestamp))  # fmt: skip
 
-    def follow(self, *, bootstrap: str, topic: str, client_id: str) -> TopicFollower:
+    def follow(self, *, bootstrap: Kafka, topic: str, client_id: str) -> TopicFollower:
         """The follower that feeds this state (run it as a background task)."""
         self.follower = TopicFollower(bootstrap=bootstrap, topic=topic, client_id=client_id, on_record=self.ingest)
         return self.follower

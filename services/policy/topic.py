@@ -20,6 +20,7 @@ from services.policy.version import SignedPolicyVersion
 from services.shared.errors import KafkaUnavailable
 from services.shared.follower import TopicFollower
 from services.shared.kafka import POLICY_TOPIC, TopicReport, TopicSpec, ensure_hub_topics, hub_topics, make_producer
+from services.shared.kafka_connection import Kafka
 from services.shared.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def appended_at(ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ms)
 
 
-async def ensure_policy_topic(bootstrap: str, topic: str = POLICY_TOPIC, *, kafka: KafkaSettings) -> TopicReport:
+async def ensure_policy_topic(bootstrap: Kafka, topic: str = POLICY_TOPIC, *, kafka: KafkaSettings) -> TopicReport:
     """Create the policy topic (retention forever, broker timestamps) with the configured replication factor and
     ``min.insync.replicas`` if it does not exist; report weaker settings if it does (``ensure_hub_topics``)."""
     [spec] = [s for s in hub_topics([]) if s.name == POLICY_TOPIC]
@@ -41,7 +42,7 @@ async def ensure_policy_topic(bootstrap: str, topic: str = POLICY_TOPIC, *, kafk
 
 
 async def publish_version(
-    bootstrap: str, signed: SignedPolicyVersion, *, topic: str = POLICY_TOPIC, kafka: KafkaSettings
+    bootstrap: Kafka, signed: SignedPolicyVersion, *, topic: str = POLICY_TOPIC, kafka: KafkaSettings
 ) -> str:
     """Append one signed version (acks=all). Returns where it landed, e.g. ``hub.policy[0]@3``.
 
@@ -60,7 +61,7 @@ async def publish_version(
     return f"{topic}[{meta.partition}]@{meta.offset}"
 
 
-async def read_records(bootstrap: str, *, topic: str = POLICY_TOPIC) -> list[Record]:
+async def read_records(bootstrap: Kafka, *, topic: str = POLICY_TOPIC) -> list[Record]:
     """Every record on the policy topic, in order, up to the end as of this call.
 
     Raises:
@@ -76,7 +77,7 @@ async def read_records(bootstrap: str, *, topic: str = POLICY_TOPIC) -> list[Rec
     return records
 
 
-async def load_store(bootstrap: str, store: PolicyStore, *, topic: str = POLICY_TOPIC) -> PolicyStore:
+async def load_store(bootstrap: Kafka, store: PolicyStore, *, topic: str = POLICY_TOPIC) -> PolicyStore:
     """Replay the whole topic into ``store`` (refused records are logged and counted by the store)."""
     for where, value, at in await read_records(bootstrap, topic=topic):
         store.ingest(value, where=where, appended_at=at)

@@ -36,7 +36,15 @@ from services.shared.content import ContentStore, LocalContentStore
 from services.shared.errors import ConfigurationError, Forbidden, KafkaUnavailable, PayloadTooLarge, ValidationFailed
 from services.shared.filenames import check_file_name
 from services.shared.http import peer_common_name, problem_middleware
-from services.shared.kafka import KEYS_TOPIC, ensure_hub_topics, hub_topics, make_producer, read_to_end
+from services.shared.kafka import (
+    EVIDENCE_PREFIX,
+    KEYS_TOPIC,
+    ensure_hub_topics,
+    hub_topics,
+    make_producer,
+    read_to_end,
+)
+from services.shared.kafka_connection import Kafka
 from services.shared.media import sniff
 from services.shared.registry import KeyRegistry
 
@@ -182,7 +190,7 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def _load_registry(codec: AvroCodec, settings: PublisherSettings, bootstrap: str) -> KeyRegistry:
+async def _load_registry(codec: AvroCodec, settings: PublisherSettings, bootstrap: Kafka) -> KeyRegistry:
     registry = KeyRegistry(codec, anchors=settings.trust_anchors())
     registry.apply_all(r.value for r in await read_to_end(bootstrap, KEYS_TOPIC) if r.value is not None)
     return registry
@@ -198,7 +206,7 @@ async def _relay(app: web.Application) -> None:
             log.info("outbox relay delivered %d envelopes", delivered)
         if app[OWN_REGISTRY] and settings.kafka.bootstrap:
             try:
-                publisher.registry = await _load_registry(publisher.codec, settings, settings.kafka.bootstrap)
+                publisher.registry = await _load_registry(publisher.codec, settings, settings.kafka.connection())
             except KafkaUnavailable as exc:  # keep the registry we have; Kafka may be back next time
                 log.warning("could not refresh the key registry: %s", exc.detail)
         await asyncio.sleep(settings.relay_interval_s)
@@ -210,14 +218,16 @@ async def _own_resources(app: web.Application) -> AsyncIterator[None]:
     if PUBLISHER in app:
         yield
         return
-    bootstrap = settings.kafka.bootstrap
-    if not bootstrap:
+    if not settings.kafka.bootstrap:
         raise ConfigurationError("EVHUB_KAFKA_BOOTSTRAP is required to run the publisher")
+    kafka = settings.kafka.connection()  # with the publisher's client certificate on a locked-down cluster
     codec, signer = AvroCodec.load(), settings.signing_key()
-    await ensure_hub_topics(bootstrap, hub_topics(settings.jurisdictions), kafka=settings.kafka)
-    registry = await _load_registry(codec, settings, bootstrap)
+    # only the topics it uses: on a locked-down cluster it may not even see the others (kafka_acls)
+    used = [s for s in hub_topics(settings.jurisdictions) if s.name == KEYS_TOPIC or s.name.startswith(EVIDENCE_PREFIX)]
+    await ensure_hub_topics(kafka, used, kafka=settings.kafka)
+    registry = await _load_registry(codec, settings, kafka)
     app[OWN_REGISTRY] = True
-    producer = make_producer(bootstrap, client_id="evhub-publisher")
+    producer = make_producer(kafka, client_id="evhub-publisher")
     await producer.start()
     committer = state.GroupCommitter(state.connect(settings.data_dir / "publisher.sqlite3"))
     try:

@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaError
 
 from services.shared.errors import KafkaUnavailable, NotFound, StaleView
 from services.shared.kafka import make_consumer, partitions_of
+from services.shared.kafka_connection import Kafka
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class TopicFollower:
     service loudly) — callbacks skip and count bad records themselves."""
 
     def __init__(
-        self, *, bootstrap: str, topic: str, client_id: str, on_record: OnRecord,
+        self, *, bootstrap: Kafka, topic: str, client_id: str, on_record: OnRecord,
         clock: Callable[[], float] = time.time, poll_ms: int = POLL_MS,
     ) -> None:  # fmt: skip
         self.topic = topic

@@ -6,7 +6,11 @@ through :func:`ensure_hub_topics`, with the configured replication factor and ``
 an existing topic whose settings are weaker than the hub needs. Translates aiokafka's errors into
 :class:`KafkaUnavailable` / :class:`ConfigurationError` here and nowhere else.
 
-Does not own: which cluster (``services.shared.cluster``), what is in the records (``envelope``/``avro``).
+Every factory takes a :class:`KafkaConnection` (the address and, on a locked-down cluster, the client certificate)
+or a bare address (PLAINTEXT), so a service passes its TLS settings in one place: ``KafkaSettings.connection()``.
+
+Does not own: which cluster (``services.shared.cluster``), what is in the records (``envelope``/``avro``), what a
+principal may do (``kafka_acls``).
 """
 
 from __future__ import annotations
@@ -20,9 +24,16 @@ from typing import Any, Final
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    for_code,
+)
 
 from services.shared.errors import ConfigurationError, KafkaUnavailable, NotFound
+from services.shared.kafka_connection import Kafka, connection_of
 from services.shared.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -83,45 +94,54 @@ def _refuse_unsafe(requested: Mapping[str, Any], safety: Mapping[str, Any]) -> N
         raise ConfigurationError(f"refusing to weaken {', '.join(clash)} (hub clients always use {dict(safety)})")
 
 
-def make_producer(bootstrap: str, *, client_id: str, **options: Any) -> AIOKafkaProducer:
+def make_producer(kafka: Kafka, *, client_id: str, **options: Any) -> AIOKafkaProducer:
     """An idempotent, acks=all producer (not started). ``options`` are passed to aiokafka (batching, linger …).
 
     Raises:
-        ConfigurationError: ``options`` try to weaken acks or idempotence.
+        ConfigurationError: ``options`` try to weaken acks or idempotence; the TLS files cannot be loaded.
     """
     _refuse_unsafe(options, PRODUCER_SAFETY)
     defaults: dict[str, Any] = {"linger_ms": 5, "request_timeout_ms": 30_000}
     return AIOKafkaProducer(
-        bootstrap_servers=bootstrap, client_id=client_id, **{**defaults, **options, **PRODUCER_SAFETY}
+        client_id=client_id, **connection_of(kafka).aiokafka_options(), **{**defaults, **options, **PRODUCER_SAFETY}
     )
 
 
-def make_consumer(
-    bootstrap: str, *topics: str, group_id: str | None, client_id: str, **options: Any
-) -> AIOKafkaConsumer:
+def make_consumer(kafka: Kafka, *topics: str, group_id: str | None, client_id: str, **options: Any) -> AIOKafkaConsumer:
     """A consumer with auto-commit off and read_committed isolation (not started).
 
     Raises:
-        ConfigurationError: ``options`` try to turn auto-commit on or read uncommitted records.
+        ConfigurationError: ``options`` try to turn auto-commit on or read uncommitted records; the TLS files cannot
+            be loaded.
     """
     _refuse_unsafe(options, CONSUMER_SAFETY)
     defaults: dict[str, Any] = {"auto_offset_reset": "earliest"}
     return AIOKafkaConsumer(
-        *topics, bootstrap_servers=bootstrap, group_id=group_id, client_id=client_id,
+        *topics, group_id=group_id, client_id=client_id, **connection_of(kafka).aiokafka_options(),
         **{**defaults, **options, **CONSUMER_SAFETY},
     )  # fmt: skip
 
 
+def make_admin(kafka: Kafka, **options: Any) -> AIOKafkaAdminClient:
+    """An aiokafka admin client (not started) for topics and their configuration; ACLs are ``kafka_admin``'s.
+
+    Raises:
+        ConfigurationError: the TLS files cannot be loaded.
+    """
+    return AIOKafkaAdminClient(**connection_of(kafka).aiokafka_options(), **options)
+
+
 async def ensure_topics(
-    bootstrap: str, specs: Iterable[TopicSpec], *, replication_factor: int = 1, timeout_ms: int = 30_000
+    bootstrap: Kafka, specs: Iterable[TopicSpec], *, replication_factor: int = 1, timeout_ms: int = 30_000
 ) -> list[str]:
     """Create the topics that don't exist yet; leave existing ones alone. Returns the names created.
 
     Raises:
-        KafkaUnavailable: the cluster did not answer or refused a topic.
+        KafkaUnavailable: the cluster did not answer or refused a topic. ConfigurationError: a missing topic this
+            principal may not create (on a locked-down cluster the operator creates them: ``evhub kafka acls``).
     """
     specs = list(specs)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    admin = make_admin(bootstrap, request_timeout_ms=timeout_ms)
     try:
         await admin.start()
         existing = set(await admin.list_topics())
@@ -140,6 +160,10 @@ async def ensure_topics(
             error = for_code(code)
             if error is TopicAlreadyExistsError:  # a concurrent start-up created it first
                 continue
+            if error is TopicAuthorizationFailedError or error is ClusterAuthorizationFailedError:
+                raise ConfigurationError(f"topic {topic} is missing or hidden from this client, and it may not create "
+                                         "it: on a locked-down cluster the operator creates the hub's topics and "
+                                         "ACLs (evhub kafka acls)")  # fmt: skip
             raise KafkaUnavailable(f"could not create topic {topic}: {error.__name__} {rest[0] if rest else ''}")
         log.info("created topics %s", created)
         return created
@@ -172,7 +196,7 @@ class TopicReport:
 _AT_LEAST: Final = frozenset({"replication factor", "min.insync.replicas"})
 
 
-async def ensure_hub_topics(bootstrap: str, specs: Iterable[TopicSpec], *, kafka: KafkaSettings) -> TopicReport:
+async def ensure_hub_topics(bootstrap: Kafka, specs: Iterable[TopicSpec], *, kafka: KafkaSettings) -> TopicReport:
     """The one way a hub topic is created: missing ones with ``kafka.replication_factor`` and
     ``kafka.min_insync_replicas`` (overriding whatever ``specs`` say), existing ones checked — each setting weaker
     than that (a lower replication factor or ``min.insync.replicas``, a retention, cleanup or timestamp type other
@@ -182,7 +206,7 @@ async def ensure_hub_topics(bootstrap: str, specs: Iterable[TopicSpec], *, kafka
 
     Raises:
         KafkaUnavailable: the cluster did not answer, or refused to create a topic (e.g. fewer brokers than the
-            replication factor).
+            replication factor). ConfigurationError: a missing topic this principal may not create.
     """
     isr = {"min.insync.replicas": str(kafka.min_insync_replicas), "unclean.leader.election.enable": "false"}
     specs = [TopicSpec(s.name, s.partitions, {**s.config, **isr}) for s in specs]
@@ -203,10 +227,10 @@ def _is_weaker(setting: str, wanted: str, actual: str) -> bool:
 
 
 async def _weaker_settings(
-    bootstrap: str, specs: list[TopicSpec], *, replication_factor: int, timeout_ms: int
+    bootstrap: Kafka, specs: list[TopicSpec], *, replication_factor: int, timeout_ms: int
 ) -> list[WeakSetting]:
     """Raises: KafkaUnavailable if the cluster does not describe the topics."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    admin = make_admin(bootstrap, request_timeout_ms=timeout_ms)
     try:
         await admin.start()
         described = await admin.describe_topics([s.name for s in specs])
@@ -227,9 +251,10 @@ async def _weaker_settings(
     return weaker
 
 
-async def partitions_of(bootstrap: str, topic: str) -> list[int]:
-    """Raises: KafkaUnavailable if the cluster doesn't answer or the topic doesn't exist."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def partitions_of(bootstrap: Kafka, topic: str) -> list[int]:
+    """Raises: KafkaUnavailable if the cluster doesn't answer or the topic doesn't exist (or may not be described
+    by this client: Kafka does not tell the two apart)."""
+    admin = make_admin(bootstrap)
     try:
         await admin.start()
         (described,) = await admin.describe_topics([topic])
@@ -242,7 +267,7 @@ async def partitions_of(bootstrap: str, topic: str) -> list[int]:
     return sorted(p["partition"] for p in described["partitions"])
 
 
-async def read_to_end(bootstrap: str, topic: str, *, timeout_s: float = 30.0) -> list[ConsumerRecord[bytes, bytes]]:
+async def read_to_end(bootstrap: Kafka, topic: str, *, timeout_s: float = 30.0) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of ``topic`` from the beginning up to the end offsets seen at the start of the call, ordered by
     partition and offset. For small, forever-kept control topics; a replay by ``follower.TopicFollower``.
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -184,6 +185,16 @@ class NodeConfig:
         props.update(extra or {})
         return props
 
+    def format_options(self) -> list[str]:
+        """Extra ``StorageTool format`` options: a lone node bootstraps its own quorum (``--standalone``); members of
+        a static quorum (``controller.quorum.voters``, see ``local_cluster``) are formatted without it."""
+        return ["--standalone"]
+
+    @property
+    def ready_port(self) -> int:
+        """The port that answers once the node serves (a controller-only node has no broker port)."""
+        return self.broker_port
+
 
 def load_node(workdir: Path) -> NodeConfig | None:
     """The node a persistent directory was created for, or None for a directory never used.
@@ -254,10 +265,14 @@ class LocalKafka:
     extra: dict[str, str] = field(default_factory=dict)
     persistent: bool = False
     remove_on_stop: bool = False
+    #: A node decided by the caller (a member of ``local_cluster.LocalCluster``): every start runs exactly it.
+    preset: NodeConfig | None = None
+    jvm_options: tuple[str, ...] = ()
     node: NodeConfig | None = field(default=None, init=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _lock: int | None = field(default=None, init=False, repr=False)
     _log_offset: int = field(default=0, init=False, repr=False)
+    _run: list[str] | None = field(default=None, init=False, repr=False)
     startup_seconds: float = field(default=0.0, init=False)
     formatted_now: bool = field(default=False, init=False)
 
@@ -317,6 +332,8 @@ class LocalKafka:
         Raises:
             BrokerStartError: ``node.json`` is damaged, or a port it names is taken by another process.
         """
+        if self.preset is not None:
+            return self.preset
         if not self.persistent:
             return NodeConfig.fresh()
         node = load_node(self.workdir)
@@ -341,14 +358,15 @@ class LocalKafka:
         config = self.workdir / "server.properties"
         config.write_text(render_properties(node.properties(self.log_dir, self.extra)), encoding="utf-8")
         jvm = [
-            self.java, f"-Xms{min(256, self.heap_mb)}m", f"-Xmx{self.heap_mb}m",
+            self.java, f"-Xms{min(256, self.heap_mb)}m", f"-Xmx{self.heap_mb}m", *self.jvm_options,
             f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", f"-Dkafka.logs.dir={self.workdir / 'logs'}",
             "-cp", self._classpath(),
         ]  # fmt: skip
         run = [*jvm, "kafka.Kafka", str(config)]
         if (self.log_dir / "meta.properties").is_file():  # formatted once; formatting again would refuse anyway
             return None, run
-        fmt = [*jvm, "kafka.tools.StorageTool", "format", "--standalone", "-t", node.cluster_id, "-c", str(config)]
+        fmt = [*jvm, "kafka.tools.StorageTool", "format", *node.format_options(), "-t", node.cluster_id,
+               "-c", str(config)]  # fmt: skip
         return fmt, run
 
     def _spawn(self, run: list[str]) -> None:
@@ -383,7 +401,7 @@ class LocalKafka:
             return False
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.settimeout(1.0)
-            return s.connect_ex(("127.0.0.1", self.node.broker_port)) == 0
+            return s.connect_ex(("127.0.0.1", self.node.ready_port)) == 0
 
     def tail_log(self, lines: int = 20) -> str:
         for path in (self.log_file, self.workdir / "logs" / "stdout.log"):
@@ -414,13 +432,10 @@ class LocalKafka:
         """
         began = time.monotonic()
         try:
-            fmt, run = self._prepare()
-            if fmt is not None:
-                self._formatted(subprocess.run(fmt, capture_output=False, stdout=subprocess.PIPE,  # noqa: S603
-                                               stderr=subprocess.STDOUT, check=False))  # fmt: skip
-            self._spawn(run)
+            self.format_storage()
+            self.launch()
             deadline = began + self.start_timeout
-            while not self._check_ready():
+            while not self.serving():
                 if time.monotonic() > deadline:
                     raise BrokerStartError(f"broker not ready after {self.start_timeout:.0f}s:\n{self.tail_log()}")
                 time.sleep(0.1)
@@ -429,6 +444,34 @@ class LocalKafka:
             raise
         return self._started(began)
 
+    # The three steps of :meth:`start`, for a cluster that formats its nodes in parallel and waits for all of them.
+    def format_storage(self) -> None:
+        """Write the configuration and format storage if it never was. Blocking, and safe from any thread: it
+        spawns no broker.
+
+        Raises:
+            BrokerStartError: formatting failed; a persistent directory is in use or its ports are taken.
+        """
+        fmt, self._run = self._prepare()
+        if fmt is not None:
+            self._formatted(subprocess.run(fmt, capture_output=False, stdout=subprocess.PIPE,  # noqa: S603
+                                           stderr=subprocess.STDOUT, check=False))  # fmt: skip
+
+    def launch(self) -> None:
+        """Spawn the JVM configured by :meth:`format_storage`. Call it from a thread that outlives the broker: the
+        broker's parent-death signal follows the thread that spawned it."""
+        if self._run is None:
+            raise BrokerStartError("format_storage() must run before launch()")
+        self._spawn(self._run)
+
+    def serving(self) -> bool:
+        """True once the node logged that it started and its port accepts connections.
+
+        Raises:
+            BrokerStartError: the JVM exited (with its last log lines).
+        """
+        return self._check_ready()
+
     def stop(self) -> None:
         """SIGTERM the broker's PID (it shuts down cleanly), SIGKILL it if it has not exited in time. Then release
         a persistent directory, or remove a throwaway one."""
@@ -436,6 +479,8 @@ class LocalKafka:
         try:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):  # a node stopped by SIGSTOP must wake to shut down
+                    os.kill(proc.pid, signal.SIGCONT)
                 try:
                     proc.wait(self.stop_timeout)
                 except subprocess.TimeoutExpired:

@@ -7,13 +7,15 @@ environment.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.shared.errors import ConfigurationError, EvidenceHubError
+from services.shared.kafka_connection import KafkaConnection
 from services.shared.keys import PublicKey
 from services.shared.local_kafka import default_cache_dir
 from services.shared.tls import CertFiles
@@ -37,6 +39,43 @@ class KafkaSettings(BaseSettings):
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
     replication_factor: int = Field(default=1, ge=1, le=7, description="for the hub's topics")
     min_insync_replicas: int = Field(default=1, ge=1, le=7, description="for the hub's topics")
+    #: mTLS to a locked-down cluster: this client's certificate chain, its key, and the CA of the brokers'
+    #: certificates (PEM). All three or none; none means PLAINTEXT, the embedded broker's default.
+    ssl_cert: Path | None = None
+    ssl_key: Path | None = None
+    ssl_ca: Path | None = None
+
+    @field_validator("ssl_cert", "ssl_key", "ssl_ca", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        """``EVHUB_KAFKA_SSL_CERT=`` (empty) means not set, never the current directory."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def client_tls(self) -> CertFiles | None:
+        """Raises: ConfigurationError when only some of the three files are set, or one cannot be read."""
+        given = {"EVHUB_KAFKA_SSL_CERT": self.ssl_cert, "EVHUB_KAFKA_SSL_KEY": self.ssl_key,
+                 "EVHUB_KAFKA_SSL_CA": self.ssl_ca}  # fmt: skip
+        if not any(given.values()):
+            return None
+        if self.ssl_cert is None or self.ssl_key is None or self.ssl_ca is None:
+            missing = [name for name, path in given.items() if not path]
+            raise ConfigurationError(f"Kafka TLS is incomplete: {', '.join(missing)} not set (set all three or none)")
+        unreadable = [f"{name}={path}" for name, path in given.items() if path and not os.access(path, os.R_OK)]
+        if unreadable:
+            raise ConfigurationError(f"Kafka TLS file not readable: {', '.join(unreadable)}")
+        return CertFiles(cert=self.ssl_cert, key=self.ssl_key, ca=self.ssl_ca)
+
+    def connection(self, bootstrap: str | None = None) -> KafkaConnection:
+        """How this process reaches Kafka: ``bootstrap`` (default: ``EVHUB_KAFKA_BOOTSTRAP``) with this client's
+        certificate, if configured.
+
+        Raises:
+            ConfigurationError: no bootstrap address, or incomplete or unreadable TLS files.
+        """
+        address = bootstrap or self.bootstrap
+        if not address:
+            raise ConfigurationError("no Kafka bootstrap address (EVHUB_KAFKA_BOOTSTRAP)")
+        return KafkaConnection(address, self.client_tls())
 
 
 class ServerTLS(BaseModel):

@@ -49,8 +49,14 @@ def client_context(files: CertFiles) -> ssl.SSLContext:
     return ctx
 
 
-def _name(cn: str, org: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn), x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)])
+def _name(cn: str, org: str, unit: str | None = None) -> x509.Name:
+    if unit is None:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)])  # fmt: skip
+    # Most significant first, so that the RFC 2253 form Kafka maps principals from reads "CN=…,OU=…,O=…".
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])  # fmt: skip
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -85,10 +91,12 @@ def _load_or_create_ca(
 
 def issue_leaf(
     directory: Path, name: str, *, uris: tuple[str, ...] = (), org: str = "Evidence Hub dev", days: int = 30,
-    not_before: dt.datetime | None = None, replace: bool = False,
+    not_before: dt.datetime | None = None, replace: bool = False, unit: str | None = None,
+    hosts: tuple[str, ...] = (), cn: str | None = None,
 ) -> CertFiles:  # fmt: skip
     """A leaf certificate ``<directory>/<name>.pem`` (+ ``.key``, ``.bundle.pem``) from the development CA in
-    ``directory`` (created if missing): CN = name; SANs localhost, 127.0.0.1 and ``uris`` (a hub principal such as
+    ``directory`` (created if missing): CN = ``cn`` or name (and OU = ``unit``, which marks a Kafka principal, see
+    ``kafka_acls``); SANs localhost, 127.0.0.1, ``hosts`` and ``uris`` (a hub principal such as
     ``urn:evhub:office:DE-GBA-WCU``, see ``principals``); server and client auth. An existing leaf is kept unless
     ``replace``. ``not_before`` (default: five minutes ago) lets tests mint certificates that already expired.
     """
@@ -101,9 +109,9 @@ def issue_leaf(
     start = not_before or now
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    names += [x509.UniformResourceIdentifier(u) for u in uris]
+    names += [x509.DNSName(h) for h in hosts] + [x509.UniformResourceIdentifier(u) for u in uris]
     cert = (
-        x509.CertificateBuilder().subject_name(_name(name, org)).issuer_name(ca_cert.subject)
+        x509.CertificateBuilder().subject_name(_name(cn or name, org, unit)).issuer_name(ca_cert.subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
