@@ -37,7 +37,7 @@ from typing import Literal
 from services.shared.errors import BrokerStartError
 from services.shared.kafka_acls import KAFKA_UNIT, PRINCIPAL_MAPPING_RULES, SERVICES, SUPER_USERS
 from services.shared.kafka_connection import KafkaConnection
-from services.shared.local_kafka import LocalKafka, NodeConfig, free_port, kafka_version, new_cluster_id
+from services.shared.local_kafka import LocalKafka, NodeConfig, free_port, kafka_version, new_cluster_id, port_free
 from services.shared.tls import CertFiles, issue_leaf
 
 log = logging.getLogger(__name__)
@@ -228,14 +228,23 @@ class LocalCluster:
             try:
                 raw = json.loads(path.read_text(encoding="utf-8"))
                 nodes = [ClusterNode(**{**n, "tls": tls}) for n in raw["nodes"]]
+                secure = bool(raw["secure"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise BrokerStartError(f"{path} is damaged ({exc!r}); restore it or start on a new directory") from exc
+            if secure != (tls is not None):  # never open a locked-down cluster's data without its authorizer
+                raise BrokerStartError(f"the cluster in {self.root} was created {'with' if secure else 'without'} "
+                                       "--secure; start it the same way")  # fmt: skip
+            busy = [n.ready_port for n in nodes if not port_free(n.ready_port)]
+            if busy:
+                raise BrokerStartError(f"port {busy[0]} of the cluster in {self.root} is in use by another process; "
+                                       f"the cluster keeps its addresses across restarts (see {path})")  # fmt: skip
             return nodes
         nodes = layout(brokers=self.brokers, controllers=self.controllers, tls=tls, combined=self.combined)
         if self.persistent:
             plain = [{k: v for k, v in asdict(n).items() if k != "tls"} for n in nodes]
+            kept = {"nodes": plain, "secure": tls is not None, "kafka_version": kafka_version()}
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"nodes": plain, "kafka_version": kafka_version()}, indent=2), encoding="utf-8")
+            tmp.write_text(json.dumps(kept, indent=2), encoding="utf-8")
             os.replace(tmp, path)
         return nodes
 

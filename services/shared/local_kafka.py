@@ -226,7 +226,7 @@ def save_node(workdir: Path, node: NodeConfig) -> None:
     os.replace(tmp, path)
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # like the JVM: TIME_WAIT does not count as in use
         try:
@@ -341,7 +341,7 @@ class LocalKafka:
             node = NodeConfig.fresh()
             save_node(self.workdir, node)
             return node
-        busy = [p for p in (node.broker_port, node.controller_port) if not _port_free(p)]
+        busy = [p for p in (node.broker_port, node.controller_port) if not port_free(p)]
         if busy:
             raise BrokerStartError(
                 f"port {busy[0]} of the broker in {self.workdir} is in use by another process; "
