@@ -208,6 +208,12 @@ class LocalCluster:
     def controller_ids(self) -> list[int]:
         return [i for i in sorted(self.nodes) if i > CONTROLLER_IDS]
 
+    def port(self, node_id: int) -> int:
+        """The node's listener: a broker's for clients, a controller's for the quorum."""
+        preset = self.nodes[node_id].preset
+        assert preset is not None
+        return preset.ready_port
+
     def connection(self, principal: str | None = None) -> KafkaConnection:
         """How a client reaches this cluster: as ``principal`` (its development certificate) on a locked-down
         cluster — the super user ``kafka-admin`` if None — or PLAINTEXT."""
