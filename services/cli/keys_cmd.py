@@ -14,9 +14,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
 from services.shared.avro import AvroCodec
 from services.shared.errors import ConfigurationError, EvidenceHubError, ValidationFailed
-from services.shared.kafka import EVIDENCE_PREFIX, KEYS_TOPIC, evidence_topic, make_producer, read_to_end
+from services.shared.kafka import (
+    EVIDENCE_PREFIX,
+    KEYS_TOPIC,
+    evidence_topic,
+    kafka_error,
+    make_producer,
+    read_to_end,
+)
 from services.shared.kafka_connection import KafkaConnection
 from services.shared.keys import PublicKey, SigningKey
 from services.shared.registry import KeyRegistry, issue
@@ -129,9 +138,11 @@ async def run_register(args: argparse.Namespace) -> int:
     )  # fmt: skip
     registry.apply(record)  # refused here → never sent: receivers would refuse it the same way
     producer = make_producer(bootstrap, client_id="evhub-keys")
-    await producer.start()
     try:
+        await producer.start()
         await producer.send_and_wait(KEYS_TOPIC, record, key=public.key_id.encode())
+    except KafkaError as exc:
+        raise kafka_error(exc, f"the key record was not written to {KEYS_TOPIC}", bootstrap) from exc
     finally:
         await producer.stop()
     print(f"{'revoked' if args.revoke else 'registered'} {public.key_id} for {organisation} (revision {revision})")

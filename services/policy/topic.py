@@ -17,9 +17,16 @@ from aiokafka.errors import KafkaError
 
 from services.policy.engine import PolicyStore
 from services.policy.version import SignedPolicyVersion
-from services.shared.errors import KafkaUnavailable
 from services.shared.follower import TopicFollower
-from services.shared.kafka import POLICY_TOPIC, TopicReport, TopicSpec, ensure_hub_topics, hub_topics, make_producer
+from services.shared.kafka import (
+    POLICY_TOPIC,
+    TopicReport,
+    TopicSpec,
+    ensure_hub_topics,
+    hub_topics,
+    kafka_error,
+    make_producer,
+)
 from services.shared.kafka_connection import Kafka
 from services.shared.settings import KafkaSettings
 
@@ -55,7 +62,7 @@ async def publish_version(
         await producer.start()
         meta = await producer.send_and_wait(topic, signed.to_record(), key=signed.content_hash.encode("ascii"))
     except KafkaError as exc:
-        raise KafkaUnavailable(f"could not publish to {topic}: {exc}") from exc
+        raise kafka_error(exc, f"could not publish to {topic}", bootstrap) from exc
     finally:
         await producer.stop()
     return f"{topic}[{meta.partition}]@{meta.offset}"

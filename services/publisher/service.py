@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.typedefs import Middleware
 
 from services.publisher import core, state
 from services.publisher.pipeline import ContentInfo, EvidencePublisher
@@ -35,11 +36,12 @@ from services.shared.avro import AvroCodec
 from services.shared.content import ContentStore, LocalContentStore
 from services.shared.errors import ConfigurationError, Forbidden, KafkaUnavailable, PayloadTooLarge, ValidationFailed
 from services.shared.filenames import check_file_name
-from services.shared.http import peer_common_name, problem_middleware
+from services.shared.http import kafka_outage_middleware, peer_common_name, problem_middleware
 from services.shared.kafka import (
     EVIDENCE_PREFIX,
     KEYS_TOPIC,
     ensure_hub_topics,
+    evidence_topic,
     hub_topics,
     make_producer,
     read_to_end,
@@ -227,7 +229,7 @@ async def _own_resources(app: web.Application) -> AsyncIterator[None]:
     await ensure_hub_topics(kafka, used, kafka=settings.kafka)
     registry = await _load_registry(codec, settings, kafka)
     app[OWN_REGISTRY] = True
-    producer = make_producer(kafka, client_id="evhub-publisher")
+    producer = make_producer(kafka, client_id="evhub-publisher", request_timeout_ms=settings.kafka.request_timeout_ms)
     await producer.start()
     committer = state.GroupCommitter(state.connect(settings.data_dir / "publisher.sqlite3"))
     try:
@@ -267,7 +269,11 @@ def create_app(
     authenticate: Callable[[web.Request], str] | None = None,
 ) -> web.Application:  # fmt: skip
     """The one composition root. Injected parts (tests, bench) replace the ones built from settings."""
-    app = web.Application(middlewares=[problem_middleware])
+    middlewares: list[Middleware] = [problem_middleware]
+    if settings.kafka.bootstrap:  # a 503 says when Kafka lacks in-sync replicas for the topics written
+        topics = [evidence_topic(j) for j in settings.jurisdictions]
+        middlewares.append(kafka_outage_middleware(settings.kafka.connection(), topics))
+    app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
     app[CRASHED] = []
     app[OWN_REGISTRY] = False

@@ -3,21 +3,27 @@
 Owns: the one place an exception becomes an HTTP response. Hub errors carry their status and title; aiohttp's
 own HTTP errors keep their status; anything else is a 500 whose details go to the log, never to the client.
 Trust errors (which key, why a signature or key was refused) are answered with one generic 422 and an incident
-id; their details go to the log under that id, never to the client (a prober learns nothing about keys).
+id; their details go to the log under that id, never to the client (a prober learns nothing about keys). A 503
+because Kafka did not acknowledge says why, when the cluster can tell: not enough in-sync replicas
+(:func:`kafka_outage_middleware`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from services.shared.errors import EvidenceHubError, TrustError
+from services.shared.errors import EvidenceHubError, KafkaUnavailable, TrustError
+from services.shared.kafka import replication_shortfall
+from services.shared.kafka_connection import Kafka
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,38 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         log.exception("unhandled error on %s %s", request.method, request.path)
         return problem(500, "Internal error", "the service failed; the incident is logged", type_slug="internal",
                        instance=request.path)  # fmt: skip
+
+
+def kafka_outage_middleware(kafka: Kafka, topics: Sequence[str], *, every_s: float = 2.0) -> Middleware:
+    """Adds to a 503 from Kafka (:class:`KafkaUnavailable`) why the cluster cannot take acks=all writes, when it
+    can say: partitions of ``topics`` without a leader, or with fewer in-sync replicas than ``min.insync.replicas``
+    (``kafka.replication_shortfall``; the problem's ``kafka_shortfall`` lists them). The cluster is asked at most
+    once every ``every_s`` seconds, however many requests fail."""
+    last: dict[str, Any] = {"at": -every_s, "lines": []}
+
+    async def shortfall() -> list[str]:
+        now = asyncio.get_running_loop().time()
+        if now - last["at"] >= every_s:
+            last["at"] = now
+            try:
+                last["lines"] = await replication_shortfall(kafka, topics, timeout_ms=3_000)
+            except KafkaUnavailable:
+                last["lines"] = []
+        lines: list[str] = last["lines"]
+        return lines
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except KafkaUnavailable as exc:
+            lines = await shortfall()
+            if lines:
+                exc.detail = f"{exc.detail}. Not enough in-sync replicas: {'; '.join(lines[:3])}"
+                exc.extensions["kafka_shortfall"] = lines
+            raise
+
+    return middleware
 
 
 def peer_common_name(request: web.Request) -> str | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -26,9 +26,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
     KafkaError,
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
     for_code,
 )
 
@@ -86,6 +88,22 @@ def hub_topics(
     ]
     specs += [TopicSpec(evidence_topic(j), evidence_partitions, {**forever, **isr}) for j in jurisdictions]
     return specs
+
+
+#: Kafka's answers to a principal outside its ACLs: retrying will not help, the certificate or the ACLs are wrong.
+REFUSALS: Final = (TopicAuthorizationFailedError, ClusterAuthorizationFailedError, GroupAuthorizationFailedError,
+                   TransactionalIdAuthorizationFailed)  # fmt: skip
+
+
+def kafka_error(exc: KafkaError, what: str, kafka: Kafka) -> ConfigurationError | KafkaUnavailable:
+    """One translation of an aiokafka error for callers outside this module: a refusal by the cluster's ACLs is a
+    :class:`ConfigurationError` naming the client's certificate; anything else :class:`KafkaUnavailable`."""
+    connection = connection_of(kafka)
+    if isinstance(exc, REFUSALS):
+        who = f"the certificate {connection.tls.cert}" if connection.tls else "a client without a certificate"
+        return ConfigurationError(f"{what}: Kafka at {connection} refused {who} ({type(exc).__name__}); each hub "
+                                  "service and command has its own Kafka principal (docs/operations.md)")  # fmt: skip
+    return KafkaUnavailable(f"{what}: Kafka at {connection} did not accept it ({exc!r})")
 
 
 def _refuse_unsafe(requested: Mapping[str, Any], safety: Mapping[str, Any]) -> None:
@@ -251,6 +269,37 @@ async def _weaker_settings(
     return weaker
 
 
+async def replication_shortfall(kafka: Kafka, topics: Sequence[str], *, timeout_ms: int = 5_000) -> list[str]:
+    """Why an acks=all write to ``topics`` cannot be acknowledged now, one line per partition: it has no leader, or
+    fewer in-sync replicas than the topic's ``min.insync.replicas`` (the broker then refuses it with
+    NOT_ENOUGH_REPLICAS, which clients retry until they time out). Empty when every partition can take writes.
+
+    Raises:
+        KafkaUnavailable: the cluster did not answer.
+    """
+    admin = make_admin(kafka, request_timeout_ms=timeout_ms)
+    try:
+        await admin.start()
+        described = await admin.describe_topics(list(topics))
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"Kafka at {kafka} did not answer: {exc}") from exc
+    finally:
+        await admin.close()
+    min_isr = {resource[3]: int(dict((e[0], e[1]) for e in resource[4]).get("min.insync.replicas") or 1)
+               for response in responses for resource in response.resources}  # fmt: skip
+    short = []
+    for topic in described:
+        for p in sorted(topic["partitions"], key=lambda p: p["partition"]):
+            where, needed = f"{topic['topic']}[{p['partition']}]", min_isr.get(topic["topic"], 1)
+            if p["leader"] < 0:
+                short.append(f"{where} has no leader")
+            elif len(p["isr"]) < needed:
+                short.append(f"{where} has {len(p['isr'])} of {len(p['replicas'])} replicas in sync, "
+                             f"min.insync.replicas is {needed}")  # fmt: skip
+    return short
+
+
 async def partitions_of(bootstrap: Kafka, topic: str) -> list[int]:
     """Raises: KafkaUnavailable if the cluster doesn't answer or the topic doesn't exist (or may not be described
     by this client: Kafka does not tell the two apart)."""
@@ -263,7 +312,8 @@ async def partitions_of(bootstrap: Kafka, topic: str) -> list[int]:
     finally:
         await admin.close()
     if described["error_code"] != 0 or not described["partitions"]:
-        raise KafkaUnavailable(f"topic {topic} does not exist")
+        hidden = " (or this client's certificate may not see it)" if connection_of(bootstrap).tls else ""
+        raise KafkaUnavailable(f"topic {topic} does not exist{hidden}")
     return sorted(p["partition"] for p in described["partitions"])
 
 
