@@ -270,7 +270,7 @@ def create_app(
 ) -> web.Application:  # fmt: skip
     """The one composition root. Injected parts (tests, bench) replace the ones built from settings."""
     middlewares: list[Middleware] = [problem_middleware]
-    if settings.kafka.bootstrap:  # a 503 says when Kafka lacks in-sync replicas for the topics written
+    if settings.kafka.bootstrap:  # no publication is taken while Kafka lacks the in-sync replicas to keep it
         topics = [evidence_topic(j) for j in settings.jurisdictions]
         middlewares.append(kafka_outage_middleware(settings.kafka.connection(), topics))
     app = web.Application(middlewares=middlewares)

@@ -3,9 +3,8 @@
 Owns: the one place an exception becomes an HTTP response. Hub errors carry their status and title; aiohttp's
 own HTTP errors keep their status; anything else is a 500 whose details go to the log, never to the client.
 Trust errors (which key, why a signature or key was refused) are answered with one generic 422 and an incident
-id; their details go to the log under that id, never to the client (a prober learns nothing about keys). A 503
-because Kafka did not acknowledge says why, when the cluster can tell: not enough in-sync replicas
-(:func:`kafka_outage_middleware`).
+id; their details go to the log under that id, never to the client (a prober learns nothing about keys). While Kafka
+lacks in-sync replicas, writes are refused up front and every 503 says so (:func:`kafka_outage_middleware`).
 """
 
 from __future__ import annotations
@@ -68,31 +67,45 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
                        instance=request.path)  # fmt: skip
 
 
-def kafka_outage_middleware(kafka: Kafka, topics: Sequence[str], *, every_s: float = 2.0) -> Middleware:
-    """Adds to a 503 from Kafka (:class:`KafkaUnavailable`) why the cluster cannot take acks=all writes, when it
-    can say: partitions of ``topics`` without a leader, or with fewer in-sync replicas than ``min.insync.replicas``
-    (``kafka.replication_shortfall``; the problem's ``kafka_shortfall`` lists them). The cluster is asked at most
-    once every ``every_s`` seconds, however many requests fail."""
-    last: dict[str, Any] = {"at": -every_s, "lines": []}
+class _Shortfall:
+    """The latest answer of ``kafka.replication_shortfall`` for some topics, asked at most every ``every_s`` and by
+    one request at a time (the others use the last answer). An unanswered question counts as no shortfall."""
 
-    async def shortfall() -> list[str]:
-        now = asyncio.get_running_loop().time()
-        if now - last["at"] >= every_s:
-            last["at"] = now
+    def __init__(self, kafka: Kafka, topics: Sequence[str], every_s: float) -> None:
+        self._kafka, self._topics, self._every = kafka, list(topics), every_s
+        self._at, self._asking, self._lines = float("-inf"), False, list[str]()
+
+    async def lines(self) -> list[str]:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._at >= self._every and not self._asking:
+            self._asking = True
             try:
-                last["lines"] = await replication_shortfall(kafka, topics, timeout_ms=3_000)
+                self._lines = await replication_shortfall(self._kafka, self._topics, timeout_ms=3_000)
             except KafkaUnavailable:
-                last["lines"] = []
-        lines: list[str] = last["lines"]
-        return lines
+                self._lines = []
+            finally:
+                self._at, self._asking = loop.time(), False
+        return self._lines
+
+
+def kafka_outage_middleware(kafka: Kafka, topics: Sequence[str], *, every_s: float = 2.0) -> Middleware:
+    """While ``topics`` cannot take acks=all writes — a partition without a leader, or with fewer in-sync replicas
+    than its ``min.insync.replicas`` (``kafka.replication_shortfall``) — a POST is refused with a 503 before its body
+    is read: nothing is stored or signed that Kafka could not acknowledge. Any other 503 from Kafka
+    (:class:`KafkaUnavailable`) says the same when it applies. The problem's ``kafka_shortfall`` lists the partitions.
+    The cluster is asked at most once every ``every_s`` seconds, however many requests come."""
+    watch = _Shortfall(kafka, topics, every_s)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "POST" and (lines := await watch.lines()):
+            raise KafkaUnavailable("Kafka cannot acknowledge writes now, not enough in-sync replicas: "
+                                   f"{'; '.join(lines[:3])}. Nothing was stored or signed; retry later",
+                                   kafka_shortfall=lines)  # fmt: skip
         try:
             return await handler(request)
         except KafkaUnavailable as exc:
-            lines = await shortfall()
-            if lines:
+            if "kafka_shortfall" not in exc.extensions and (lines := await watch.lines()):
                 exc.detail = f"{exc.detail}. Not enough in-sync replicas: {'; '.join(lines[:3])}"
                 exc.extensions["kafka_shortfall"] = lines
             raise

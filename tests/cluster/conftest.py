@@ -5,27 +5,43 @@ certificates from the hub's CA, the StandardAuthorizer, and the hub's topics and
 exactly as ``evhub kafka --brokers 3 --secure`` does. Fault tests kill, stop and restart its nodes; before every
 test :func:`healthy` brings every node back and waits until every partition has all its replicas in sync again.
 The session's single embedded broker (``tests/conftest.py``) is untouched: most tests keep using it.
+
+Every fault test adds a :class:`Row`. At the end of the run the rows are printed; with
+``EVHUB_RELIABILITY_REPORT=docs/reliability.md`` (``make reliability``) they replace the table between the
+``<!-- cluster-faults:begin -->`` and ``<!-- cluster-faults:end -->`` markers of that file — its numbers come from a
+real run. ``EVHUB_FAULT_RUNS=N`` (``make soak``) injects each fault N times as often.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import platform
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
-from aiokafka.errors import KafkaError
 
-from services.shared.kafka import make_admin
 from services.shared.kafka_admin import provision
 from services.shared.local_cluster import LocalCluster
-from services.shared.local_kafka import ensure_jars
+from services.shared.local_kafka import ensure_jars, kafka_version
 from services.shared.settings import KafkaSettings
+from tests.cluster.harness import REPLICATED, Row, in_sync
 
-#: What every hub service on the cluster is configured with (docker-compose.yml's values).
-REPLICATED = KafkaSettings(replication_factor=3, min_insync_replicas=2, request_timeout_ms=10_000)
 JURISDICTIONS = ["DE", "FR", "SE"]
+BEGIN, END = "<!-- cluster-faults:begin -->", "<!-- cluster-faults:end -->"
 _started: list[tuple[LocalCluster, float, dict[int, float]]] = []
+_rows: list[Row] = []
+_began = time.monotonic()
+
+
+@pytest.fixture
+def report() -> Iterator[list[Row]]:
+    rows: list[Row] = []
+    yield rows
+    _rows.extend(rows)
 
 
 @pytest.fixture(scope="session")
@@ -39,32 +55,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         yield local
     finally:
         local.stop()
-
-
-async def in_sync(cluster: LocalCluster, *, within_s: float = 90.0) -> None:
-    """Wait until every partition of every topic has a leader and all its replicas in sync.
-
-    Raises:
-        AssertionError: not within ``within_s``.
-    """
-    deadline = time.monotonic() + within_s
-    lagging: list[str] = ["(not asked yet)"]
-    while time.monotonic() < deadline:
-        admin = make_admin(cluster.connection(), request_timeout_ms=5_000)
-        try:
-            await admin.start()
-            described = await admin.describe_topics()
-            lagging = [f"{t['topic']}[{p['partition']}] isr {p['isr']} of {p['replicas']} leader {p['leader']}"
-                       for t in described for p in t["partitions"]
-                       if p["leader"] < 0 or sorted(p["isr"]) != sorted(p["replicas"])]  # fmt: skip
-            if not lagging:
-                return
-        except (KafkaError, OSError) as exc:  # a node still starting: ask again
-            lagging = [repr(exc)]
-        finally:
-            await admin.close()
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"the cluster did not get back in sync within {within_s:.0f}s: {lagging[:5]}")
 
 
 @pytest.fixture
@@ -81,7 +71,30 @@ async def healthy(cluster: LocalCluster) -> LocalCluster:
     return cluster
 
 
+def _table() -> str:
+    head = ("| scenario | faults injected | events at risk | acknowledged / served | lost | duplicated "
+            "| reads without an audit entry | notes |\n|---|---:|---:|---:|---:|---:|---:|---|\n")  # fmt: skip
+    body = "".join(f"| {r.scenario} | {r.faults} | {r.at_risk} | {r.acknowledged} | {r.lost} | {r.duplicated} "
+                   f"| {'—' if r.unaudited is None else r.unaudited} | {r.note} |\n" for r in _rows)  # fmt: skip
+    when = datetime.now(UTC).replace(microsecond=0).isoformat()
+    meta = (f"Recorded {when} by `make reliability` ({time.monotonic() - _began:.0f} s wall, "
+            f"EVHUB_FAULT_RUNS={os.environ.get('EVHUB_FAULT_RUNS', '1')}): Kafka {kafka_version()}, three brokers and "
+            f"three controllers on one machine, mTLS and ACLs, Python {platform.python_version()}, "
+            f"{os.cpu_count()} CPUs.\n\n")  # fmt: skip
+    return meta + head + body
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _rows:
+        terminalreporter.write_sep("-", "broker faults on the three-broker cluster")
+        terminalreporter.write(_table())
+        target = os.environ.get("EVHUB_RELIABILITY_REPORT")
+        if target:
+            path = Path(target)
+            text = path.read_text(encoding="utf-8")
+            start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+            path.write_text(text[:start] + "\n" + _table() + text[end:], encoding="utf-8")
+            terminalreporter.write_line(f"cluster fault table written to {path}")
     for local, seconds, rss in _started:
         terminalreporter.write_line(
             f"Kafka cluster (locked down) at {local.bootstrap}: started in {seconds:.1f}s, "
