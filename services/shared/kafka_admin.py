@@ -18,7 +18,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from confluent_kafka import KafkaError, KafkaException
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError
+from aiokafka.protocol.admin import DescribeAclsRequest
+from confluent_kafka import KafkaError as RdKafkaError
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import (
     AclBinding,
     AclBindingFilter,
@@ -71,11 +75,11 @@ def _describe(binding: Any) -> str:
 
 
 def _translate(exc: KafkaException, what: str) -> Exception:
-    error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    error = exc.args[0] if exc.args and isinstance(exc.args[0], RdKafkaError) else None
     code = error.code() if error is not None else None
-    if code in (KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.TOPIC_AUTHORIZATION_FAILED):
+    if code in (RdKafkaError.CLUSTER_AUTHORIZATION_FAILED, RdKafkaError.TOPIC_AUTHORIZATION_FAILED):
         return ConfigurationError(f"{what}: this client is not a super user of the cluster ({exc})")
-    if code == KafkaError.SECURITY_DISABLED:
+    if code == RdKafkaError.SECURITY_DISABLED:
         return ConfigurationError(f"{what}: the cluster has no authorizer (ACLs need a locked-down cluster)")
     return KafkaUnavailable(f"{what}: {exc}")
 
@@ -99,9 +103,45 @@ def _apply(config: dict[str, str], grants: Sequence[Grant], principals: Iterable
     return AclReport(created=sorted(wanted[b] for b in missing), kept=kept, extra=extra)
 
 
+def _key(grant: Grant) -> tuple[int, str, int, str, int]:
+    """A grant as DescribeAcls answers it: (resource type, name, pattern type, principal, operation) codes."""
+    name = "kafka-cluster" if grant.resource == "cluster" else grant.name
+    return (_RESOURCES[grant.resource].value, name, _PATTERNS[grant.pattern].value, f"User:{grant.principal}",
+            AclOperation[grant.operation.upper()].value)  # fmt: skip
+
+
+async def _enforced_everywhere(kafka: Kafka, grants: Sequence[Grant], timeout_s: float) -> None:
+    """Wait until every broker's authorizer holds ``grants``: brokers learn ACLs from the metadata log a moment
+    after the controller commits them, and a client that reached a lagging broker would be refused.
+
+    Raises:
+        KafkaUnavailable: a broker did not hold them within ``timeout_s``.
+    """
+    wanted = {_key(g) for g in grants}
+    client = AIOKafkaClient(**connection_of(kafka).aiokafka_options(), request_timeout_ms=5_000)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        await client.bootstrap()
+        for broker in client.cluster.brokers():
+            while True:  # the DescribeAcls filter matching everything: ANY type, name, pattern, operation, permission
+                response = await client.send(broker.nodeId, DescribeAclsRequest(1, None, 1, None, None, 1, 1))
+                held = {(r[0], r[1], r[2], acl[0], acl[2]) for r in response.resources for acl in r[3]}
+                if wanted <= held:
+                    break
+                if asyncio.get_running_loop().time() > deadline:
+                    raise KafkaUnavailable(f"broker {broker.nodeId} does not enforce {len(wanted - held)} of the new "
+                                           f"ACLs after {timeout_s:.0f}s")  # fmt: skip
+                await asyncio.sleep(0.2)
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"Kafka at {kafka} did not describe its ACLs: {exc!r}") from exc
+    finally:
+        await client.close()
+
+
 async def apply_grants(kafka: Kafka, grants: Sequence[Grant], *, principals: Iterable[str] = SERVICES,
                        timeout_s: float = 30.0) -> AclReport:  # fmt: skip
-    """Create the grants not yet in force; report bindings of ``principals`` beyond them (logged as warnings).
+    """Create the grants not yet in force and return once every broker enforces them; report bindings of
+    ``principals`` beyond them (logged as warnings).
 
     Raises:
         ConfigurationError: the client is not a super user, or the cluster has no authorizer.
@@ -109,6 +149,7 @@ async def apply_grants(kafka: Kafka, grants: Sequence[Grant], *, principals: Ite
     """
     config = connection_of(kafka).librdkafka_config()
     report = await asyncio.to_thread(_apply, config, list(grants), list(principals), timeout_s)
+    await _enforced_everywhere(kafka, grants, timeout_s)
     for line in report.extra:
         log.warning("ACL in force beyond the hub's table: %s (remove it with kafka-acls --remove if unintended)", line)
     return report

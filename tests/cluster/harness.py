@@ -193,6 +193,11 @@ class Acked:
     event_id: str
     deliveries: tuple[tuple[str, int, int], ...]  # (topic, partition, offset) the publisher answered with
 
+    @classmethod
+    def of(cls, item_id: str, answer: dict[str, Any]) -> Acked:
+        deliveries = tuple((d["topic"], d["partition"], d["offset"]) for d in answer["deliveries"])
+        return cls(item_id, answer["event_id"], deliveries)
+
 
 async def publish(session: aiohttp.ClientSession, url: str, item_id: str, jurisdictions: list[str]) -> tuple[int, Any]:
     form = aiohttp.FormData()
@@ -246,8 +251,7 @@ class Streamer:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 status, body = 0, {"detail": repr(exc)}
             if status in (200, 201):
-                deliveries = tuple((d["topic"], d["partition"], d["offset"]) for d in body["deliveries"])
-                self.acked[item_id] = Acked(item_id, body["event_id"], deliveries)
+                self.acked[item_id] = Acked.of(item_id, body)
                 return
             if status == 503:
                 self.unavailable.append(body)
