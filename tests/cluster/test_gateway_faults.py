@@ -109,6 +109,8 @@ async def test_a_broker_frozen_during_delivery_the_office_resumes_with_no_gap_no
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as office_session:  # fmt: skip
             events: list[dict[str, Any]] = []
             refused, longest = 0, 0.0
+            leader = (await partitions(cluster, AUDIT_TOPIC))[0]["leader"]
+            frozen = asyncio.Event()
 
             async def read_feed() -> None:
                 nonlocal refused, longest
@@ -127,16 +129,17 @@ async def test_a_broker_frozen_during_delivery_the_office_resumes_with_no_gap_no
                         longest, last = max(longest, now - last), now
                         events.extend(body["events"])
                         cursor = body["cursor"]
+                        if not frozen.is_set() and len(events) >= 14:  # mid-feed: the next page needs hub.audit
+                            row.at_risk += first - len(events)
+                            cluster.freeze(leader)
+                            row.faults += 1
+                            frozen.set()
                         if body["caught_up"] and len(events) >= first + during:
                             return
 
             reader = asyncio.create_task(read_feed())
             try:
-                await until("the office's first pages", 90, lambda: len(events) >= 14 or reader.done())
-                leader = (await partitions(cluster, AUDIT_TOPIC))[0]["leader"]
-                row.at_risk += first - len(events)
-                cluster.freeze(leader)
-                row.faults += 1
+                await until("the office half way through its feed", 90, lambda: frozen.is_set() or reader.done())
 
                 async def moved(frozen: int = leader) -> bool:
                     alive = next(b for b in cluster.broker_ids if b != frozen)
