@@ -209,11 +209,14 @@ async def publish(session: aiohttp.ClientSession, url: str, item_id: str, jurisd
 
 
 class Streamer:
-    """Publishes ``prefix-0``, ``prefix-1``, … without pause until :meth:`stop`; every item is retried with its own
-    Idempotency-Key until acknowledged (201, or 200 for a replay). Keeps what was acknowledged and the answers."""
+    """Publishes ``prefix-0``, ``prefix-1``, … until :meth:`stop`, each worker starting an item at most every
+    ``pace_s`` (a steady load, not a flood: the machine's 2 cores also run six JVMs); every item is retried with its
+    own Idempotency-Key until acknowledged (201, or 200 for a replay). Keeps what was acknowledged and the answers."""
 
-    def __init__(self, url: str, jurisdictions: list[str], prefix: str, *, concurrency: int = 4) -> None:
+    def __init__(self, url: str, jurisdictions: list[str], prefix: str, *, concurrency: int = 4,
+                 pace_s: float = 0.05) -> None:  # fmt: skip
         self.url, self.jurisdictions, self.prefix, self.concurrency = url, jurisdictions, prefix, concurrency
+        self.pace_s = pace_s
         self.acked: dict[str, Acked] = {}
         self.unavailable: list[dict[str, Any]] = []  # the 503 problems answered
         self.in_flight: set[str] = set()
@@ -240,8 +243,10 @@ class Streamer:
             self._next += 1
             self.started += 1
             self.in_flight.add(item_id)
+            began = time.monotonic()
             await self._until_acked(session, item_id, settle_s)
             self.in_flight.discard(item_id)
+            await asyncio.sleep(max(0.0, self.pace_s - (time.monotonic() - began)))  # load shaping, not a sync
 
     async def _until_acked(self, session: aiohttp.ClientSession, item_id: str, settle_s: float) -> None:
         deadline: float | None = None

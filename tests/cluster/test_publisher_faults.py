@@ -179,3 +179,28 @@ async def test_two_of_three_brokers_killed_publishing_stops_with_a_clear_503_and
                 "in-sync replicas, nothing stored or signed; retries succeeded once one broker was back")  # fmt: skip
     report.append(row)
     assert (found.lost, found.misplaced, found.duplicated, found.refused) == ([], [], 0, 0)
+
+
+async def test_a_rolling_restart_of_every_broker_and_controller_under_load_loses_and_duplicates_nothing(
+    healthy: LocalCluster, tmp_path: Path, report: list[Row]
+) -> None:
+    cluster = healthy
+    hub = await ClusterHub.create(cluster, tmp_path)
+    row = Row("rolling restart (SIGTERM, start, back in sync) of brokers 1-3 and controllers 101-103 under load")
+    async with hub.publisher() as url, streaming(Streamer(url, hub.jurisdictions, "roll")) as streamer:
+        await streamer.wait_acked(10, within_s=90)
+        for _ in range(runs(1)):
+            for node in [*cluster.broker_ids, *cluster.controller_ids]:
+                row.at_risk += len(streamer.in_flight)
+                await asyncio.to_thread(cluster.node(node).stop)  # a clean shutdown hands its leaderships over first
+                row.faults += 1
+                await streamer.wait_acked(5, within_s=120)  # publishing goes on without it
+                await asyncio.to_thread(cluster.node(node).start)
+                await in_sync(cluster)
+        await streamer.wait_acked(10, within_s=120)
+    found = await count(hub, streamer.acked)
+    row.acknowledged, row.lost, row.duplicated = len(streamer.acked), len(found.lost), found.duplicated
+    row.note = f"{len(streamer.unavailable)} answers were 503 and retried with the same Idempotency-Key"
+    report.append(row)
+    assert (found.lost, found.misplaced, found.duplicated, found.refused) == ([], [], 0, 0)
+    assert found.acked > 30
