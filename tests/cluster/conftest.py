@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import shutil
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -45,7 +46,7 @@ def report() -> Iterator[list[Row]]:
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     libs = ensure_jars(KafkaSettings().cache_dir)
     local = LocalCluster.throwaway(libs, root=tmp_path_factory.mktemp("cluster"), secure=True)
     local.start()
@@ -54,6 +55,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         _started.append((local, local.startup_seconds, local.rss_mb()))
         yield local
     finally:
+        if request.session.testsfailed:  # the brokers' own logs outlive the throwaway cluster, for the post-mortem
+            kept = tmp_path_factory.mktemp("cluster-logs")
+            for node_id, node in local.nodes.items():
+                shutil.copytree(node.workdir / "logs", kept / f"node-{node_id}", dirs_exist_ok=True)
         local.stop()
 
 
