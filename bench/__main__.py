@@ -3,7 +3,8 @@
 Owns: parsing options and choosing the mode — a full run (all scenarios, results into bench/results/ and the
 generated region of docs/performance.md), ``--quick`` (small sizes; table on stdout, JSON to ``--out`` or a
 temporary file, the docs page untouched), ``--scenario NAME`` (that scenario and its baseline; docs untouched),
-``--profile NAME`` (cProfile, in-process) and the internal ``--child NAME`` a parent spawns per scenario.
+``--profile NAME`` (cProfile, in-process) and the internal ``--child NAME`` a parent spawns per scenario. Cluster
+scenarios run on a local three-broker cluster the parent starts (or ``--cluster-bootstrap``).
 
 Exit codes: 0 all scenarios measured, 1 some scenario failed, 2 bad usage.
 """
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, help="events per call for every scenario (default: each its own)")
     p.add_argument("--record-size", type=int, help="bytes per record for every scenario")
     p.add_argument("--seconds", type=float, help="duration for duration-bound scenarios")
+    p.add_argument("--cluster-bootstrap", metavar="HOST:PORT,…",
+                   help="an existing replicated cluster (PLAINTEXT) for the cluster scenarios; default: start one")
     p.add_argument("--child", metavar="NAME", help=argparse.SUPPRESS)
     p.add_argument("--bootstrap", help=argparse.SUPPRESS)
     return p
@@ -61,7 +64,7 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
         print(f"bench: {exc.args[0]}", file=sys.stderr)
         return 2
     started = dt.datetime.now(dt.UTC)
-    outcome = asyncio.run(run_all(specs, plan, KafkaSettings()))
+    outcome = asyncio.run(run_all(specs, plan, KafkaSettings(), cluster_bootstrap=args.cluster_bootstrap))
     rows = report.build_rows(specs, outcome.results)
     table = report.markdown_table(rows)
     doc = report.document(rows, outcome, plan, started)

@@ -70,6 +70,9 @@ class Context:
     record_size: int
     seconds: float | None = None
     quick: bool = False
+    #: 3 and 2 on the three-broker cluster (``cluster=True`` scenarios): every topic a scenario creates is replicated.
+    replication_factor: int = 1
+    min_insync_replicas: int = 1
     #: Free for ``setup`` to leave things in for the scenario (pre-produced topics, clients, keys …).
     state: dict[str, Any] = field(default_factory=dict)
     _topics: list[str] = field(default_factory=list, repr=False)
@@ -87,13 +90,18 @@ class Context:
             TimeoutError: the partitions had no leader within 30 s.
         """
         name = f"bench.{self.scenario}.{uuid.uuid4().hex[:10]}"
-        await ensure_topics(self.bootstrap, [TopicSpec(name, partitions, dict(config or {}))])
+        await ensure_topics(self.bootstrap, [self.topic_spec(name, partitions, config)],
+                            replication_factor=self.replication_factor)  # fmt: skip
         self._topics.append(name)
         admin = await self._admin_client()
         async with asyncio.timeout(30):
             while not _all_led(await admin.describe_topics([name]), partitions):  # noqa: ASYNC110 - no event
                 await asyncio.sleep(0.05)
         return name
+
+    def topic_spec(self, name: str, partitions: int, config: Mapping[str, str] | None = None) -> TopicSpec:
+        """A topic as this context's Kafka wants it (``min.insync.replicas`` 2 on the cluster)."""
+        return TopicSpec(name, partitions, {"min.insync.replicas": str(self.min_insync_replicas), **(config or {})})
 
     async def _admin_client(self) -> Any:
         if self._admin is None:
@@ -170,6 +178,7 @@ class Scenario:
     setup: Hook | None
     teardown: Hook | None
     description: str
+    cluster: bool = False  # runs on the three-broker cluster (RF 3, min ISR 2) instead of the single broker
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -187,10 +196,14 @@ def scenario(
     quick_seconds: float | None = None,
     setup: Hook | None = None,
     teardown: Hook | None = None,
+    cluster: bool = False,
 ) -> Callable[[ScenarioFn], ScenarioFn]:
     """Register an async scenario. ``baseline`` names the scenario its ratio is taken against (run in the same
-    run, on the same broker); ``None`` makes it a baseline itself. ``events``/``seconds`` are the full-run size,
-    ``quick_*`` the ``--quick`` size. The function's docstring's first line becomes its description.
+    run); ``None`` makes it a baseline itself. ``cluster`` runs it on the local three-broker cluster (replication
+    factor 3, ``min.insync.replicas`` 2) that the parent starts next to the single broker: a cluster scenario whose
+    baseline is the same scenario on the single broker measures the cost of replication. ``events``/``seconds``
+    are the full-run size, ``quick_*`` the ``--quick`` size. The function's docstring's first line becomes its
+    description.
 
     Raises:
         ValueError: the name is taken or the unit unknown.
@@ -205,7 +218,7 @@ def scenario(
         SCENARIOS[name] = Scenario(
             name=name, fn=fn, unit=unit, baseline=baseline, events=events, quick_events=quick_events,
             record_size=record_size, seconds=seconds, quick_seconds=quick_seconds, setup=setup,
-            teardown=teardown, description=doc[0] if doc else "",
+            teardown=teardown, description=doc[0] if doc else "", cluster=cluster,
         )  # fmt: skip
         return fn
 

@@ -163,6 +163,11 @@ def document(rows: Sequence[Row], outcome: RunOutcome, plan: Plan, started: dt.d
             "startup_seconds": round(outcome.broker_startup_seconds, 2),
             "peak_rss_kib": outcome.broker_peak_rss_kib,
         },
+        "cluster": None if outcome.cluster_startup_seconds is None else {
+            "layout": "brokers 1-3, controllers 101-103, RF 3, min.insync.replicas 2, PLAINTEXT",
+            "startup_seconds": round(outcome.cluster_startup_seconds, 2),
+            "peak_rss_kib": outcome.cluster_peak_rss_kib,
+        },
         "wall_seconds": round(outcome.wall_seconds, 1),
         "scenarios": [asdict(r) for r in rows],
     }
@@ -185,13 +190,18 @@ def write_json(doc: dict[str, Any], *, out: Path | None, started: dt.datetime, l
 
 
 def generated_section(table: str, doc: dict[str, Any]) -> str:
-    env, broker, plan = doc["environment"], doc["broker"], doc["plan"]
+    env, broker, plan, cluster = doc["environment"], doc["broker"], doc["plan"], doc.get("cluster")
     rss = f", peak RSS {broker['peak_rss_kib'] / 1024:.0f} MiB" if broker["peak_rss_kib"] else ""
+    three = ""
+    if cluster:
+        jvms = (cluster["peak_rss_kib"] or 0) / 1024
+        three = (f" The `-rf3` scenarios ran on a local three-broker cluster ({cluster['layout']}; started in "
+                 f"{cluster['startup_seconds']:.0f} s, its six JVMs' peak RSS {jvms:.0f} MiB together).")  # fmt: skip
     return "\n".join([
         f"Measured {doc['started_at']} by `make bench` ({doc['wall_seconds']:.0f} s wall). "
         f"Python {env['python']}, aiokafka {env['aiokafka']}, confluent-kafka {env['confluent_kafka']} "
         f"(librdkafka {env['librdkafka']}), Kafka broker {env['kafka_broker']} ({broker['kind']}{rss}). "
-        f"Machine: {env['nproc']} CPUs ({env['cpu']}), {env['memory_gib']} GiB memory, {env['platform']}.",
+        f"Machine: {env['nproc']} CPUs ({env['cpu']}), {env['memory_gib']} GiB memory, {env['platform']}.{three}",
         "",
         f"{plan['rounds']} round(s), scenarios taking turns; in each round every scenario ran in a fresh process: "
         f"{plan['warmups']} warm-up, then {plan['repeats']} measured repeats. *median* and *spread* (min-max) are "

@@ -1,4 +1,5 @@
-"""Processes: the parent starts the broker once and runs each scenario in a child process of its own.
+"""Processes: the parent starts the broker (and, for cluster scenarios, the three-broker cluster) once and runs
+each scenario in a child process of its own.
 
 Owns: choosing which scenarios run (a requested scenario brings its baseline along, baselines run first), the
 run plan (full or ``--quick`` sizes), spawning ``python -m bench --child NAME`` per scenario with the broker's
@@ -18,13 +19,15 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from bench.harness import Context, Repeat, Scenario, run_scenario
 from services.shared.cluster import KafkaTarget, akafka_cluster
+from services.shared.local_cluster import LocalCluster
+from services.shared.local_kafka import ensure_jars
 from services.shared.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,7 @@ async def child_main(spec: Scenario, *, bootstrap: str, plan: Plan) -> ChildResu
     ctx = Context(
         bootstrap=bootstrap, scenario=spec.name, events=plan.events_for(spec),
         record_size=plan.record_size_for(spec), seconds=plan.seconds_for(spec), quick=plan.quick,
+        replication_factor=3 if spec.cluster else 1, min_insync_replicas=2 if spec.cluster else 1,
     )  # fmt: skip
     began = time.perf_counter()
     repeats = await run_scenario(spec, ctx, warmups=plan.warmups, repeats=plan.repeats, after_setup=reset_peak_rss)
@@ -177,15 +181,7 @@ async def run_child(spec: Scenario, bootstrap: str, plan: Plan) -> ChildResult:
 
 def broker_peak_rss_kib(target: KafkaTarget) -> int | None:
     """The local broker JVM's peak RSS (VmHWM), if this run started it."""
-    if target.pid is None:
-        return None
-    try:
-        for line in Path(f"/proc/{target.pid}/status").read_text(encoding="ascii").splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
+    return _peak_rss_of(target.pid)
 
 
 @dataclass(frozen=True)
@@ -195,6 +191,37 @@ class RunOutcome:
     broker_startup_seconds: float
     broker_peak_rss_kib: int | None
     wall_seconds: float
+    #: The three-broker cluster, when cluster scenarios ran: its start-up and its JVMs' peak RSS (summed).
+    cluster_startup_seconds: float | None = None
+    cluster_peak_rss_kib: int | None = None
+
+
+@contextlib.contextmanager
+def three_brokers(settings: KafkaSettings, needed: bool, bootstrap: str | None) -> Iterator[LocalCluster | str | None]:
+    """The cluster the cluster scenarios run on: ``bootstrap`` if given (``--cluster-bootstrap``), else a local one
+    (plaintext, so that the ratio measures replication alone; the JVM's default compilers, like the single broker),
+    stopped at the end; None when no cluster scenario runs."""
+    if not needed or bootstrap:
+        yield bootstrap
+        return
+    cluster = LocalCluster.throwaway(ensure_jars(settings.cache_dir), root=settings.work_root, jvm_options=())
+    cluster.start()  # from the parent's main thread: the JVMs' parent-death signal follows it
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _peak_rss_of(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def merge(rounds: Sequence[ChildResult]) -> ChildResult:
@@ -209,25 +236,35 @@ def merge(rounds: Sequence[ChildResult]) -> ChildResult:
     )  # fmt: skip
 
 
-async def run_all(specs: Sequence[Scenario], plan: Plan, settings: KafkaSettings) -> RunOutcome:
-    """Start (or find) the broker once, then run the rounds: each scenario's child in turn, one at a time (2 cores:
-    running two scenarios at once would measure their contention). A scenario that failed is not run again."""
+async def run_all(specs: Sequence[Scenario], plan: Plan, settings: KafkaSettings,
+                  cluster_bootstrap: str | None = None) -> RunOutcome:  # fmt: skip
+    """Start (or find) the broker once — and the three-broker cluster if a cluster scenario runs — then run the
+    rounds: each scenario's child in turn, one at a time (2 cores: running two scenarios at once would measure their
+    contention). A scenario that failed is not run again."""
     began = time.perf_counter()
     children: dict[str, list[ChildResult]] = {spec.name: [] for spec in specs}
-    async with akafka_cluster(settings) as target:
-        log.info("Kafka (%s) at %s", target.kind, target.bootstrap)
-        for round_no in range(1, plan.rounds + 1):
-            for spec in specs:
-                if any(r.error for r in children[spec.name]):
-                    continue
-                print(f"bench: round {round_no}/{plan.rounds}: {spec.name} …", file=sys.stderr, flush=True)
-                result = await run_child(spec, target.bootstrap, plan)
-                if result.error:
-                    print(f"bench: {spec.name} failed: {result.error}", file=sys.stderr, flush=True)
-                children[spec.name].append(result)
-        broker_rss = broker_peak_rss_kib(target)
+    cluster_seconds, cluster_rss = None, None
+    with three_brokers(settings, any(s.cluster for s in specs), cluster_bootstrap) as cluster:
+        replicated = cluster.bootstrap if isinstance(cluster, LocalCluster) else cluster
+        async with akafka_cluster(settings) as target:
+            log.info("Kafka (%s) at %s; three brokers at %s", target.kind, target.bootstrap, replicated)
+            for round_no in range(1, plan.rounds + 1):
+                for spec in specs:
+                    if any(r.error for r in children[spec.name]):
+                        continue
+                    print(f"bench: round {round_no}/{plan.rounds}: {spec.name} …", file=sys.stderr, flush=True)
+                    result = await run_child(spec, replicated if spec.cluster and replicated else target.bootstrap,
+                                             plan)  # fmt: skip
+                    if result.error:
+                        print(f"bench: {spec.name} failed: {result.error}", file=sys.stderr, flush=True)
+                    children[spec.name].append(result)
+            broker_rss = broker_peak_rss_kib(target)
+        if isinstance(cluster, LocalCluster):
+            cluster_seconds = cluster.startup_seconds
+            cluster_rss = sum(_peak_rss_of(n.pid) or 0 for n in cluster.nodes.values())
     return RunOutcome(
         results=[merge(children[spec.name]) for spec in specs], broker_kind=target.kind,
         broker_startup_seconds=target.startup_seconds, broker_peak_rss_kib=broker_rss,
-        wall_seconds=time.perf_counter() - began,
+        wall_seconds=time.perf_counter() - began, cluster_startup_seconds=cluster_seconds,
+        cluster_peak_rss_kib=cluster_rss,
     )  # fmt: skip

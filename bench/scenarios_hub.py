@@ -39,7 +39,7 @@ from services.publisher.service import create_app
 from services.publisher.settings import PublisherSettings
 from services.shared.avro import AvroCodec
 from services.shared.content import LocalContentStore
-from services.shared.kafka import TopicSpec, ensure_topics, evidence_topic, make_producer
+from services.shared.kafka import ensure_topics, evidence_topic, make_producer
 from services.shared.keys import SigningKey
 from services.shared.registry import KeyRegistry, issue
 from services.shared.tls import client_context, create_dev_pki, server_context
@@ -67,7 +67,8 @@ def _metadata(item: str, jurisdiction: str, n: int) -> EvidenceMetadata:
 async def _publisher_setup(ctx: Context) -> None:
     """Keys, registry, a fresh jurisdiction topic, SQLite state and a started producer, kept in ``ctx.state``."""
     jurisdiction = f"BN-{uuid.uuid4().hex[:6].upper()}"
-    await ensure_topics(ctx.bootstrap, [TopicSpec(evidence_topic(jurisdiction), 3)])
+    await ensure_topics(ctx.bootstrap, [ctx.topic_spec(evidence_topic(jurisdiction), 3)],
+                        replication_factor=ctx.replication_factor)  # fmt: skip
     codec, anchor, signer = AvroCodec.load(), SigningKey.generate(), SigningKey.generate()
     registry = KeyRegistry(codec, anchors=[anchor.public])
     registry.apply(issue(codec, anchor, public_key=signer.public, organisation="bench",
@@ -111,6 +112,17 @@ def _next_batch(ctx: Context) -> list[EvidenceMetadata]:
           setup=_publisher_setup, teardown=_publisher_teardown)  # fmt: skip
 async def hub_publish_library(ctx: Context) -> int:
     """Signed evidence events through EvidencePublisher (validation, Avro, Ed25519, SQLite outbox, acks=all)."""
+    return await _publish_library(ctx)
+
+
+@scenario(name="hub-publish-library-rf3", baseline="hub-publish-library", events=20_000, quick_events=500,
+          setup=_publisher_setup, teardown=_publisher_teardown, cluster=True)  # fmt: skip
+async def hub_publish_library_rf3(ctx: Context) -> int:
+    """The same on the three-broker cluster, RF 3, min.insync.replicas 2: the hub's cost of replication."""
+    return await _publish_library(ctx)
+
+
+async def _publish_library(ctx: Context) -> int:
     publisher: EvidencePublisher = ctx.state["publisher"]
     content: ContentInfo = ctx.state["content"]
     batch = _next_batch(ctx)  # metadata validation happens at the HTTP edge; not part of the library path

@@ -84,6 +84,17 @@ async def _preproduce(ctx: Context) -> None:
 @scenario(name="aiokafka-produce", unit="events/s", events=AIOKAFKA_PRODUCE_N)
 async def aiokafka_produce(ctx: Context) -> int:
     """aiokafka: produce N records, acks=all, idempotent, all acknowledged."""
+    return await _aiokafka_produce(ctx)
+
+
+@scenario(name="aiokafka-produce-rf3", unit="events/s", baseline="aiokafka-produce", events=AIOKAFKA_PRODUCE_N,
+          cluster=True)  # fmt: skip
+async def aiokafka_produce_rf3(ctx: Context) -> int:
+    """aiokafka on the three-broker cluster, RF 3, min.insync.replicas 2: raw Kafka's cost of replication."""
+    return await _aiokafka_produce(ctx)
+
+
+async def _aiokafka_produce(ctx: Context) -> int:
     topic = await ctx.topic(partitions=PARTITIONS)
     producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, client_id="bench-aiokafka", **AIOKAFKA_PRODUCER)
     await producer.start()

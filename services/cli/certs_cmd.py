@@ -1,8 +1,9 @@
 """``evhub certs issue``: client and server certificates from the development CA (never for production).
 
 Offices and auditors are named by a SAN URI in their certificate (``urn:evhub:office:<ID>``,
-``urn:evhub:auditor:<NAME>``, see ``services.shared.principals``); services by their CN. Production certificates
-come from the operator's own PKI with the same SAN URIs.
+``urn:evhub:auditor:<NAME>``, see ``services.shared.principals``); services by their CN; Kafka clients and brokers
+by their CN under ``OU=evhub-kafka`` (``services.shared.kafka_acls``). Production certificates come from the
+operator's own PKI with the same names.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from services.shared.errors import ValidationFailed
+from services.shared.kafka_acls import KAFKA_UNIT, SERVICES, SUPER_USERS
 from services.shared.principals import principal_uri
 from services.shared.tls import issue_leaf
 
@@ -26,6 +28,11 @@ def register(sub: Any) -> None:
     who.add_argument("--office", help="an office id, e.g. DE-GBA-WCU (SAN urn:evhub:office:<ID>)")
     who.add_argument("--auditor", help="an auditor name (SAN urn:evhub:auditor:<NAME>)")
     who.add_argument("--service", help="a service or client CN without a hub principal, e.g. gateway")
+    who.add_argument("--kafka", metavar="PRINCIPAL", choices=(*SUPER_USERS, *SERVICES),
+                     help="a Kafka client certificate (CN=<principal>, OU=evhub-kafka): " + ", ".join(
+                         (*SERVICES, *SUPER_USERS)))  # fmt: skip
+    issue.add_argument("--host", action="append", default=[], help="another DNS name the certificate is valid for "
+                                                                   "(a broker's host name; repeatable)")  # fmt: skip
     issue.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
     issue.add_argument("--replace", action="store_true", help="replace an existing certificate of that name")
     issue.set_defaults(handler=run_issue)
@@ -36,6 +43,12 @@ async def run_issue(args: argparse.Namespace) -> int:
     if not 1 <= args.days <= 825:
         raise ValidationFailed("--days must be between 1 and 825")
     uris: tuple[str, ...] = ()
+    if args.kafka:
+        files = issue_leaf(args.dir, f"kafka.{args.kafka}", cn=args.kafka, unit=KAFKA_UNIT, hosts=tuple(args.host),
+                           days=args.days, replace=args.replace)  # fmt: skip
+        print(f"Kafka principal User:{args.kafka}: certificate {files.cert}  key {files.key}  "
+              f"key+chain {files.bundle}  CA {files.ca}")  # fmt: skip
+        return 0
     try:
         if args.office:
             name, uris = f"office-{args.office}", (principal_uri("office", args.office),)
@@ -45,6 +58,6 @@ async def run_issue(args: argparse.Namespace) -> int:
             name = principal_uri("office", args.service).rsplit(":", 1)[1]  # same identifier rules
     except ValueError as exc:
         raise ValidationFailed(f"not a valid name: {exc}") from exc
-    files = issue_leaf(args.dir, name, uris=uris, days=args.days, replace=args.replace)
+    files = issue_leaf(args.dir, name, uris=uris, days=args.days, replace=args.replace, hosts=tuple(args.host))
     print(f"{name}: certificate {files.cert}  key {files.key}  CA {files.ca}" + (f"  ({uris[0]})" if uris else ""))
     return 0

@@ -76,7 +76,7 @@ def _lean(role: Role) -> dict[str, str]:
     }  # fmt: skip
 
 
-def _security(tls: NodeTLS) -> dict[str, str]:
+def security_properties(tls: NodeTLS) -> dict[str, str]:
     """mTLS on every listener (clients, brokers, controllers), TLS 1.3 only, principals from the certificate, and
     an allow-list authorizer: a resource no ACL names is the super users' alone."""
     return {
@@ -116,7 +116,7 @@ class ClusterNode(NodeConfig):
         props["listeners"] = ",".join(listeners)
         props |= _lean(self.role)
         if self.tls is not None:
-            props |= _security(self.tls)
+            props |= security_properties(self.tls)
         return props | dict(extra or {})
 
     def format_options(self) -> list[str]:
