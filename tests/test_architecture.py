@@ -19,6 +19,7 @@ PURE = [
     "services/shared/envelope.py",
     "services/shared/audit_records.py",
     "services/shared/filenames.py",
+    "services/shared/kafka_acls.py",
     "services/policy/attributes.py",
     "services/audit/merkle.py",
     "services/audit/tiles.py",
