@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from bench.harness import Context, Repeat, Scenario, run_scenario
 from services.shared.cluster import KafkaTarget, akafka_cluster
-from services.shared.local_cluster import LocalCluster
+from services.shared.local_cluster import LEAN_JVM, LocalCluster
 from services.shared.local_kafka import ensure_jars
 from services.shared.settings import KafkaSettings
 
@@ -197,14 +197,17 @@ class RunOutcome:
 
 
 @contextlib.contextmanager
-def three_brokers(settings: KafkaSettings, needed: bool, bootstrap: str | None) -> Iterator[LocalCluster | str | None]:
+def three_brokers(settings: KafkaSettings, needed: bool, bootstrap: str | None, *,
+                  quick: bool = False) -> Iterator[LocalCluster | str | None]:  # fmt: skip
     """The cluster the cluster scenarios run on: ``bootstrap`` if given (``--cluster-bootstrap``), else a local one
-    (plaintext, so that the ratio measures replication alone; the JVM's default compilers, like the single broker),
-    stopped at the end; None when no cluster scenario runs."""
+    (plaintext, so that the ratio measures replication alone; the JVM's default compilers, like the single broker —
+    the lean ones for ``--quick``, which only shows the harness works), stopped at the end; None when no cluster
+    scenario runs."""
     if not needed or bootstrap:
         yield bootstrap
         return
-    cluster = LocalCluster.throwaway(ensure_jars(settings.cache_dir), root=settings.work_root, jvm_options=())
+    cluster = LocalCluster.throwaway(ensure_jars(settings.cache_dir), root=settings.work_root,
+                                     jvm_options=LEAN_JVM if quick else ())  # fmt: skip
     cluster.start()  # from the parent's main thread: the JVMs' parent-death signal follows it
     try:
         yield cluster
@@ -244,7 +247,7 @@ async def run_all(specs: Sequence[Scenario], plan: Plan, settings: KafkaSettings
     began = time.perf_counter()
     children: dict[str, list[ChildResult]] = {spec.name: [] for spec in specs}
     cluster_seconds, cluster_rss = None, None
-    with three_brokers(settings, any(s.cluster for s in specs), cluster_bootstrap) as cluster:
+    with three_brokers(settings, any(s.cluster for s in specs), cluster_bootstrap, quick=plan.quick) as cluster:
         replicated = cluster.bootstrap if isinstance(cluster, LocalCluster) else cluster
         async with akafka_cluster(settings) as target:
             log.info("Kafka (%s) at %s; three brokers at %s", target.kind, target.bootstrap, replicated)

@@ -30,7 +30,7 @@ def test_quick_run_measures_every_scenario_against_its_baseline(kafka: KafkaTarg
     env = {**os.environ, "EVHUB_KAFKA_BOOTSTRAP": kafka.bootstrap}
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -51,6 +51,11 @@ def test_quick_run_measures_every_scenario_against_its_baseline(kafka: KafkaTarg
         assert row["peak_rss_kib"] > 0, name
         assert f"`{name}`" in proc.stdout  # the table is printed
     assert rows["aiokafka-produce"]["ratio"] == 1
+    # the replication cost: the same scenarios on the three-broker cluster the run started, against one broker
+    assert rows["aiokafka-produce-rf3"]["baseline"] == "aiokafka-produce"
+    assert rows["hub-publish-library-rf3"]["baseline"] == "hub-publish-library"
+    assert doc["cluster"]["startup_seconds"] > 0
+    assert doc["cluster"]["peak_rss_kib"] > 0
     assert report.DOCS.read_bytes() == docs_before  # --quick never rewrites the page
 
     assert compare.main([str(out), str(out)]) == 0

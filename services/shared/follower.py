@@ -56,7 +56,7 @@ class TopicFollower:
             numbers = await partitions_of(self._bootstrap, self.topic)
         except KafkaUnavailable as exc:
             if "does not exist" in exc.detail:
-                raise NotFound(f"topic {self.topic} does not exist") from exc
+                raise NotFound(exc.detail) from exc  # "does not exist", and whether it may be hidden by ACLs
             raise
         partitions = [TopicPartition(self.topic, p) for p in numbers]
         consumer = make_consumer(self._bootstrap, group_id=None, client_id=self._client_id)
