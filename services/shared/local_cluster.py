@@ -8,7 +8,7 @@ cluster's lifecycle (:class:`LocalCluster`: format every node in parallel, start
 them by PID; one node at a time for fault injection: SIGKILL, SIGSTOP/SIGCONT, SIGTERM, restart on its data).
 
 Why dedicated controllers rather than three combined broker+controller nodes (measured in docs/operations.md):
-three more JVMs cost ~0.5 GiB of RSS and a few seconds of start-up on 2 cores, and buy the behaviour a replicated
+three more JVMs cost ~560 MiB of RSS and ~14 CPU-seconds more to start on 2 cores, and buy the behaviour a replicated
 cluster is run for — stopping or killing brokers never takes the controller quorum with it, so the controller
 fences a dead broker and shrinks the in-sync replicas, and producers get a clear ``NOT_ENOUGH_REPLICAS`` instead of
 timing out against a cluster that has lost its quorum. Kafka's own docs advise against combined nodes for the same
@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 Role = Literal["broker", "controller", "broker,controller"]
 CLUSTER_FILE = "cluster.json"
 CONTROLLER_IDS = 100  # controllers are nodes 101, 102, 103; brokers 1, 2, 3 (the ids partition replicas name)
-#: Six JVMs on 2 cores: the C1 compiler only and the serial collector start the cluster with ~35% less CPU and use
-#: ~35% less CPU when idle (measured, docs/operations.md). ``make bench`` runs its clusters with the JVM's defaults.
+#: Six JVMs on 2 cores: the C1 compiler only and the serial collector start the cluster with ~40% less CPU and use
+#: ~40% less CPU when idle (measured, docs/operations.md). ``make bench`` runs its clusters with the JVM's defaults.
 LEAN_JVM = ("-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
 
 
