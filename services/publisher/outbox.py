@@ -1,0 +1,578 @@
+"""Delivering signed envelopes to Kafka: one fenced, transactional producer per (signing key, topic).
+
+Owns the only path by which the publisher's envelopes reach Kafka. Per topic a :class:`TopicCourier`:
+
+1. **acquires the key's fence** on the topic: a transactional producer whose id is derived from the key id and the
+   topic. Initialising it bumps the id's epoch at the broker, so every older producer with that id — another process
+   signing with the same key, on this machine or any other — is refused from then on, and a transaction it left open
+   is resolved (committed or aborted) before this one goes on;
+2. **establishes from Kafka what the key signed there** (``reconcile``, after the fence, so nothing of this key can
+   be written behind the scan's back). Only then may the publisher sign on the topic (:meth:`Outbox.may_sign`);
+3. **delivers in rounds**: whatever is queued goes into one transaction; after the commit every envelope's
+   (partition, offset) is known, its waiters are answered and its delivery mark is written to the state (retried
+   with backoff until written — never dropped). An envelope is in at most one round at a time and is never sent
+   again once acknowledged;
+4. when a round fails (broker away, transaction timed out, fenced by another process), **replaces its producer** —
+   which resolves the open transaction for good — and **reconciles again** before anything more is sent: an
+   envelope whose commit did happen is found in Kafka and marked, not sent twice; if another process holds the
+   key's fence and has published, the reconcile finds its envelopes, and the service stops (exit 5).
+
+So a record reaches Kafka at most once per envelope, except when the state itself was lost (then a re-sent
+envelope is byte-identical: a redelivery, counted apart by readers). Callers wait at most the delivery timeout;
+what is not acknowledged by then stays queued and is delivered by the next round.
+
+Does not own: what is signed (``pipeline``), SQL (``state``), the reconcile's decisions (``ledger``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError
+
+from services.publisher import reconcile, state
+from services.publisher.ledger import TopicLedger
+from services.shared.avro import AvroCodec
+from services.shared.errors import (
+    EvidenceHubError,
+    KafkaUnavailable,
+    PublisherFenced,
+    StateRefused,
+    StoreUnavailable,
+    UntrustedKey,
+)
+from services.shared.kafka import make_producer
+from services.shared.keys import PublicKey
+
+log = logging.getLogger(__name__)
+#: A round (one transaction) holds at most this many envelopes / bytes: transactions stay short.
+ROUND_RECORDS: Final = 1000
+ROUND_BYTES: Final = 16 << 20
+RETRY: Final = (0.5, 1.0, 2.0, 5.0)
+
+Key = tuple[str, str]  # (event id, jurisdiction): one envelope
+
+
+@dataclass(frozen=True)
+class Delivery:
+    jurisdiction: str
+    topic: str
+    sequence: int
+    partition: int | None
+    offset: int | None
+    error: str | None = None
+    sent_now: bool = field(default=False, compare=False)  # acknowledged during this call (not earlier)
+
+    @property
+    def delivered(self) -> bool:
+        return self.offset is not None
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    bootstrap: str
+    delivery_timeout_s: float = 10.0
+    transaction_timeout_s: float = 30.0
+    request_timeout_ms: int = 10_000
+    establish_timeout_s: float = 120.0
+
+
+def transactional_id(key_id: str, topic: str) -> str:
+    """The fence of one (key, topic): every publisher process signing with the key uses the same id."""
+    return f"evhub-publisher.{key_id}.{topic}"
+
+
+@dataclass
+class _Item:
+    row: state.OutboxRow
+    future: asyncio.Future[tuple[int, int]]
+
+
+class _Refused(Exception):
+    def __init__(self, items: list[tuple[_Item, str]]) -> None:
+        super().__init__(f"{len(items)} envelopes refused")
+        self.items = items
+
+
+class TopicCourier:
+    """One (key, topic): its fence, what the key signed there, and rounds of delivery (see the module docstring)."""
+
+    def __init__(self, *, topic: str, key: PublicKey, codec: AvroCodec, committer: state.GroupCommitter,
+                 settings: OutboxSettings, acked: Callable[[state.OutboxRow, int, int], None],
+                 fatal: Callable[[EvidenceHubError], None]) -> None:  # fmt: skip
+        self.topic = topic
+        self._key, self._codec, self._committer, self._settings = key, codec, committer, settings
+        self._on_acked, self._on_fatal = acked, fatal
+        #: Why an envelope must not be sent any more (e.g. its key was revoked past its number), or None.
+        self.gate: Callable[[state.OutboxRow], str | None] = lambda row: None
+        self._queue: dict[Key, _Item] = {}
+        self._in_round: dict[Key, _Item] = {}
+        self._acked: dict[Key, tuple[int, int]] = {}  # acknowledged, mark not yet written
+        self._wake = asyncio.Event()
+        self._poke = asyncio.Event()  # cuts a re-acquisition's back-off short: someone is waiting to deliver
+        self._producer: AIOKafkaProducer | None = None
+        self._disposing: set[asyncio.Task[None]] = set()
+        self.ledger: TopicLedger | None = None
+        self.established = False
+        self.refused: EvidenceHubError | None = None
+        self.round_began: float | None = None
+        self.idle = asyncio.Event()  # no round in progress
+        self.idle.set()
+        self.rounds = 0
+        self.failed_rounds = 0
+        self.records_sent = 0
+
+    # -- fence and reconcile -----------------------------------------------------------------------------
+    async def acquire(self) -> None:
+        """Take the key's fence on the topic, then establish what the key signed there.
+
+        Raises:
+            KafkaUnavailable: Kafka did not answer in time (retry). StateRefused: the state contradicts Kafka.
+        """
+        self.established = False
+        self._retire()
+        s = self._settings
+        self._producer = await take_fence(self._key.key_id, self.topic, s)
+        try:
+            ledger = await reconcile.establish(
+                bootstrap=s.bootstrap, topic=self.topic, codec=self._codec, key=self._key, committer=self._committer,
+                timeout_s=s.establish_timeout_s,
+            )  # fmt: skip
+        except BaseException:
+            self._retire()
+            raise
+        for held, found in ledger.marks:  # acknowledged before a crash or a failed round: answered, not re-sent
+            item = self._queue.pop((held.event_id, held.jurisdiction), None)
+            if item is not None and not item.future.done():
+                item.future.set_result((found.partition, found.offset))
+        self.ledger = ledger
+        self.established = True
+        if self._queue:
+            self._wake.set()
+
+    def may_sign(self, sequence: int) -> None:
+        """Raises: KafkaUnavailable until the topic is established; StateRefused below Kafka's record (never
+        expected once established — a last guard)."""
+        if self.refused is not None:
+            raise self.refused
+        if not self.established or self.ledger is None:
+            raise KafkaUnavailable(f"cannot sign on {self.topic} yet: what this key signed there is being "
+                                   "established from Kafka")  # fmt: skip
+        if not self.ledger.may_sign(sequence):
+            raise StateRefused(f"refusing to sign sequence {sequence} on {self.topic}: Kafka already holds "
+                               f"sequence {self.ledger.highest} of this key")  # fmt: skip
+
+    # -- delivery ----------------------------------------------------------------------------------------
+    def deliver(self, rows: Sequence[state.OutboxRow]) -> list[asyncio.Future[tuple[int, int]]]:
+        """Queue rows of this topic (once each); their futures resolve to (partition, offset) when acknowledged."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for row in rows:
+            key = (row.event_id, row.jurisdiction)
+            item = self._queue.get(key) or self._in_round.get(key)
+            if item is None:
+                future: asyncio.Future[tuple[int, int]] = loop.create_future()
+                if (acked := self._acked.get(key)) is not None:
+                    future.set_result(acked)
+                else:
+                    self._queue[key] = item = _Item(row, future)
+            else:
+                future = item.future
+            futures.append(future)
+        if self._queue:
+            self._wake.set()
+            self._poke.set()
+        return futures
+
+    def written(self, keys: Sequence[Key]) -> None:
+        """The marks of ``keys`` are durable: forget them here."""
+        for key in keys:
+            self._acked.pop(key, None)
+
+    async def run(self) -> None:
+        """Rounds until cancelled. A failed round re-acquires the fence and reconciles before the next."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._queue:
+                continue
+            if not self.established:
+                await self._reacquire()
+                continue
+            batch = self._take()
+            try:
+                acks = await self._round(batch)
+            except asyncio.CancelledError:
+                self._requeue(batch)
+                raise
+            except _Refused as refusal:  # aborted for sure: the others go in the next round
+                for item, why in refusal.items:
+                    self._in_round.pop((item.row.event_id, item.row.jurisdiction), None)
+                    if not item.future.done():
+                        item.future.set_exception(UntrustedKey(why))
+                        item.future.exception()
+                self._requeue([i for i in batch if all(i is not x for x, _ in refusal.items)])
+                continue
+            except Exception as exc:  # aiokafka's errors, timeouts: the outcome of this round is unknown
+                self.failed_rounds += 1
+                self._requeue(batch)
+                if type(exc).__name__ == "ProducerFenced":
+                    log.warning("%s: the key's fence was taken (another publisher with this key, or the "
+                                "transaction timed out); taking it back and reconciling", self.topic)  # fmt: skip
+                else:
+                    log.warning("%s: a round of %d envelopes failed (%r); reconciling before sending again",
+                                self.topic, len(batch), exc)  # fmt: skip
+                self.established = False
+                await self._reacquire()
+                continue
+            self.rounds += 1
+            self.records_sent += len(batch)
+            for item, (partition, offset) in zip(batch, acks, strict=True):
+                key = (item.row.event_id, item.row.jurisdiction)
+                self._in_round.pop(key, None)
+                self._acked[key] = (partition, offset)
+                self._on_acked(item.row, partition, offset)
+                if not item.future.done():
+                    item.future.set_result((partition, offset))
+            if self._queue:
+                self._wake.set()
+
+    def _take(self) -> list[_Item]:
+        batch: list[_Item] = []
+        size = 0
+        for key in list(self._queue):
+            item = self._queue[key]
+            if (why := self.gate(item.row)) is not None:  # checked as late as possible: never sent after a refusal
+                del self._queue[key]
+                if not item.future.done():
+                    item.future.set_exception(UntrustedKey(why))
+                    item.future.exception()
+                continue
+            if batch and (len(batch) >= ROUND_RECORDS or size + len(item.row.envelope) > ROUND_BYTES):
+                break
+            batch.append(self._queue.pop(key))
+            self._in_round[key] = item
+            size += len(item.row.envelope)
+        return batch
+
+    def _requeue(self, batch: list[_Item]) -> None:
+        for item in reversed(batch):
+            key = (item.row.event_id, item.row.jurisdiction)
+            self._in_round.pop(key, None)
+            self._queue = {key: item, **self._queue}
+
+    async def _round(self, batch: list[_Item]) -> list[tuple[int, int]]:
+        producer = self._producer
+        assert producer is not None
+        self.round_began = time.monotonic()
+        self.idle.clear()
+        try:
+            await producer.begin_transaction()
+            futures = [await producer.send(self.topic, i.row.envelope, key=i.row.kafka_key) for i in batch]
+            refused = [(i, why) for i in batch if (why := self.gate(i.row)) is not None]
+            if refused:  # refused while the round was sending (e.g. a revocation arrived): commit none of it
+                await producer.abort_transaction()
+                raise _Refused(refused)
+            await producer.commit_transaction()
+            return [(m.partition, m.offset) for m in (f.result() for f in futures)]
+        finally:
+            self.round_began = None
+            self.idle.set()
+
+    def _retire(self) -> None:
+        """Stop using the current producer; it is stopped in the background (that may wait for Kafka)."""
+        old, self._producer = self._producer, None
+        if old is not None:
+            task = asyncio.create_task(_dispose(old, fail=True))
+            self._disposing.add(task)
+            task.add_done_callback(self._disposing.discard)
+
+    async def _reacquire(self) -> None:
+        """Replace the producer (the old one's transaction is resolved by the new one's fence) and reconcile,
+        retrying while Kafka does not answer. A state Kafka contradicts stops this courier for good."""
+        attempt = 0
+        while True:
+            try:
+                await self.acquire()
+                return
+            except StateRefused as exc:
+                self.refused = exc
+                self._fail_waiters(exc)
+                self._on_fatal(exc)
+                raise
+            except (KafkaUnavailable, StoreUnavailable) as exc:
+                delay = RETRY[min(attempt, len(RETRY) - 1)]
+                attempt += 1
+                log.warning("%s: %s; retrying in %.1fs", self.topic, exc.detail, delay)
+                self._poke.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), delay)
+
+    def _fail_waiters(self, exc: EvidenceHubError) -> None:
+        for item in [*self._queue.values(), *self._in_round.values()]:
+            if not item.future.done():
+                item.future.set_exception(exc)
+                item.future.exception()  # retrieved: nobody may be waiting any more
+
+    def stuck_for(self) -> float:
+        return 0.0 if self.round_began is None else time.monotonic() - self.round_began
+
+    async def probe(self, within_s: float) -> bool:
+        """Whether the cluster answers a metadata request within ``within_s``."""
+        producer = self._producer
+        if producer is None:
+            return False
+        try:
+            async with asyncio.timeout(within_s):
+                return bool(await producer.client.force_metadata_update())
+        except (TimeoutError, KafkaError, OSError):
+            return False
+
+    async def close(self, within_s: float) -> None:
+        producer, self._producer = self._producer, None
+        tasks = set(self._disposing)
+        if producer is not None:
+            tasks.add(asyncio.create_task(_dispose(producer, fail=False, within_s=within_s)))
+        if tasks:
+            await asyncio.wait(tasks, timeout=within_s + 1)
+
+
+async def take_fence(key_id: str, topic: str, settings: OutboxSettings) -> AIOKafkaProducer:
+    """A started transactional producer holding the key's fence on ``topic`` (older holders are refused from now on).
+
+    Raises:
+        KafkaUnavailable: Kafka did not answer in time.
+    """
+    producer = make_producer(
+        settings.bootstrap, client_id=f"evhub-publisher-{topic}", transactional_id=transactional_id(key_id, topic),
+        transaction_timeout_ms=int(settings.transaction_timeout_s * 1000),
+        request_timeout_ms=settings.request_timeout_ms, max_batch_size=256 << 10, linger_ms=0,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(settings.request_timeout_ms / 1000 * 2):
+            await producer.start()  # InitProducerId: the fence
+    except (KafkaError, TimeoutError, OSError) as exc:
+        await _dispose(producer, fail=True)
+        raise KafkaUnavailable(f"could not take the signing key's fence on {topic}: {exc!r}") from exc
+    return producer
+
+
+async def _dispose(producer: AIOKafkaProducer, *, fail: bool, within_s: float = 15.0) -> None:
+    """Stop a producer within ``within_s``. ``fail``: give up on what it still holds first (a failed round's
+    records — their outcome is settled by the next fence and reconcile, not by this producer)."""
+    if fail:
+        # aiokafka has no public way to abandon queued batches; without this, stop() waits for Kafka to return.
+        producer._message_accumulator.fail_all(KafkaConnectionError("producer replaced"))
+    try:
+        async with asyncio.timeout(within_s):
+            await producer.stop()
+    except (TimeoutError, KafkaError, OSError) as exc:
+        log.warning("a Kafka producer did not stop within %.0fs: %r", within_s, exc)
+
+
+class Outbox:
+    """The couriers of every topic the publisher serves, and the delivery marks they produce."""
+
+    def __init__(self, *, key: PublicKey, codec: AvroCodec, committer: state.GroupCommitter, topics: Sequence[str],
+                 settings: OutboxSettings) -> None:  # fmt: skip
+        self.settings = settings
+        self._committer = committer
+        self.fatal: EvidenceHubError | None = None
+        self.on_fatal: Callable[[EvidenceHubError], None] = lambda exc: None
+        self._couriers = {
+            t: TopicCourier(topic=t, key=key, codec=codec, committer=committer, settings=settings,
+                            acked=self._acked, fatal=self._fatal)
+            for t in topics
+        }  # fmt: skip
+        self._unwritten: dict[Key, tuple[str, int, int, str]] = {}  # key → (topic, partition, offset, at)
+        self._marks_due = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._kafka_answers = True
+        self.marks_retried = 0
+
+    async def start(self, *, timeout_s: float) -> None:
+        """Acquire every topic's fence and establish it; retry while Kafka does not answer, for ``timeout_s``.
+
+        Raises:
+            StateRefused: the state contradicts Kafka on some topic (the detail names it and both numbers).
+            KafkaUnavailable: Kafka did not answer, or a topic could not be read back, within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        pending = list(self._couriers.values())
+        attempt = 0
+        while pending:
+            results = await asyncio.gather(*(c.acquire() for c in pending), return_exceptions=True)
+            for result in results:
+                if isinstance(result, StateRefused):
+                    raise result
+                if isinstance(result, BaseException) and not isinstance(result, KafkaUnavailable | StoreUnavailable):
+                    raise result
+            failed = [(c, r) for c, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
+            pending = [c for c, _ in failed]
+            if pending:
+                detail = failed[0][1].detail if isinstance(failed[0][1], EvidenceHubError) else repr(failed[0][1])
+                if time.monotonic() + RETRY[min(attempt, len(RETRY) - 1)] > deadline:
+                    raise KafkaUnavailable(f"Kafka did not answer in {timeout_s:.0f}s at start-up: {detail}")
+                log.warning("start-up: %s; retrying", detail)
+                await asyncio.sleep(RETRY[min(attempt, len(RETRY) - 1)])
+                attempt += 1
+        self._tasks = [asyncio.create_task(c.run(), name=f"courier-{t}") for t, c in self._couriers.items()]
+        self._tasks.append(asyncio.create_task(self._write_marks(), name="delivery-marks"))
+        for task in self._tasks:
+            task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self.fatal is None:
+            self._fatal(exc if isinstance(exc, EvidenceHubError) else PublisherFenced(f"delivery stopped: {exc!r}"))
+
+    def _fatal(self, exc: EvidenceHubError) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+            log.critical("outbox stopped: %s", exc.detail)
+            self.on_fatal(exc)
+
+    def refuse_when(self, gate: Callable[[state.OutboxRow], str | None]) -> None:
+        """``gate(row)`` says why an envelope must not be sent (checked when a round takes it), or None."""
+        for courier in self._couriers.values():
+            courier.gate = gate
+
+    def may_sign(self, topic: str, sequence: int) -> None:
+        """Raises: KafkaUnavailable (topic not established, or not served), StateRefused (see TopicCourier)."""
+        courier = self._couriers.get(topic)
+        if courier is None:
+            raise KafkaUnavailable(f"this publisher does not deliver to {topic}")
+        courier.may_sign(sequence)
+
+    async def deliver(self, rows: Sequence[state.OutboxRow]) -> list[Delivery]:
+        """Deliver ``rows`` (already-delivered ones are answered from their mark); wait at most the delivery
+        timeout. What is not acknowledged by then is reported with an error and stays queued."""
+        waiting: dict[int, asyncio.Future[tuple[int, int]]] = {}
+        by_topic: dict[str, list[tuple[int, state.OutboxRow]]] = {}
+        for i, row in enumerate(rows):
+            if row.offset is None:
+                by_topic.setdefault(row.topic, []).append((i, row))
+        for topic, indexed in by_topic.items():
+            courier = self._couriers.get(topic)
+            if courier is None:
+                continue
+            for (i, _), future in zip(indexed, courier.deliver([r for _, r in indexed]), strict=True):
+                waiting[i] = future
+        fresh = {i for i, f in waiting.items() if not f.done()}
+        if fresh:
+            await asyncio.wait([waiting[i] for i in fresh], timeout=self.settings.delivery_timeout_s)
+        out = []
+        for i, row in enumerate(rows):
+            pending = waiting.get(i)
+            if row.offset is not None:
+                out.append(Delivery(row.jurisdiction, row.topic, row.sequence, row.partition, row.offset))
+            elif pending is None:
+                out.append(Delivery(row.jurisdiction, row.topic, row.sequence, None, None, "not served here"))
+            elif pending.done() and pending.exception() is None:
+                partition, offset = pending.result()
+                out.append(Delivery(row.jurisdiction, row.topic, row.sequence, partition, offset,
+                                    sent_now=i in fresh))  # fmt: skip
+            else:
+                why = (f"{type(pending.exception()).__name__}" if pending.done()
+                       else f"not acknowledged within {self.settings.delivery_timeout_s:g}s")  # fmt: skip
+                out.append(Delivery(row.jurisdiction, row.topic, row.sequence, None, None, why))
+        return out
+
+    # -- delivery marks ----------------------------------------------------------------------------------
+    def _acked(self, row: state.OutboxRow, partition: int, offset: int) -> None:
+        self._unwritten[(row.event_id, row.jurisdiction)] = (row.topic, partition, offset,
+                                                              datetime.now(UTC).isoformat())  # fmt: skip
+        self._marks_due.set()
+
+    async def _write_marks(self) -> None:
+        """Write delivery marks (and how far each partition is checked) until cancelled; a store error is retried
+        with backoff, never fatal, and a mark leaves memory only once written."""
+        attempt = 0
+        while True:
+            await self._marks_due.wait()
+            self._marks_due.clear()
+            while self._unwritten:
+                snapshot = dict(self._unwritten)
+                try:
+                    await self._committer.run(_marks_unit(snapshot))
+                except StoreUnavailable as exc:
+                    self.marks_retried += 1
+                    delay = RETRY[min(attempt, len(RETRY) - 1)]
+                    attempt += 1
+                    log.warning("delivery marks not written yet (%s); retrying in %.1fs", exc.detail, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                attempt = 0
+                for key, value in snapshot.items():
+                    if self._unwritten.get(key) == value:
+                        del self._unwritten[key]
+                for topic in {v[0] for v in snapshot.values()}:
+                    self._couriers[topic].written([k for k, v in snapshot.items() if v[0] == topic])
+
+    # -- health and shutdown -----------------------------------------------------------------------------
+    async def check_kafka(self, within_s: float = 3.0) -> bool:
+        couriers = list(self._couriers.values())
+        self._kafka_answers = bool(couriers) and await couriers[0].probe(within_s)
+        return self._kafka_answers
+
+    def readiness(self) -> dict[str, Any]:
+        """Why the publisher can or cannot accept publications right now."""
+        problems = []
+        if self.fatal is not None:
+            problems.append(self.fatal.detail)
+        if not self._kafka_answers:
+            problems.append("Kafka does not answer")
+        for topic, c in self._couriers.items():
+            if not c.established:
+                problems.append(f"{topic}: not established")
+            elif c.stuck_for() > self.settings.delivery_timeout_s:
+                problems.append(f"{topic}: a delivery has waited {c.stuck_for():.0f}s for Kafka")
+        return {"ready": not problems, "problems": problems, "unwritten_marks": len(self._unwritten)}
+
+    def stats(self) -> dict[str, int]:
+        cs = self._couriers.values()
+        return {"rounds": sum(c.rounds for c in cs), "failed_rounds": sum(c.failed_rounds for c in cs),
+                "records_sent": sum(c.records_sent for c in cs)}  # fmt: skip
+
+    async def stop(self, grace_s: float) -> None:
+        """Let rounds in progress finish for up to ``grace_s``, write the marks, stop every producer (bounded).
+        Nothing is marked that Kafka did not acknowledge; what is unmarked is found by the next start's reconcile."""
+        deadline = time.monotonic() + grace_s
+        busy = [asyncio.create_task(c.idle.wait()) for c in self._couriers.values() if not c.idle.is_set()]
+        if busy:
+            await asyncio.wait(busy, timeout=grace_s)
+            for waiter in busy:
+                waiter.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._unwritten:
+            with contextlib.suppress(StoreUnavailable):
+                await self._committer.run(_marks_unit(dict(self._unwritten)))
+        left = max(0.5, deadline - time.monotonic())
+        await asyncio.gather(*(c.close(left) for c in self._couriers.values()))
+
+
+def _marks_unit(marks: dict[Key, tuple[str, int, int, str]]) -> Callable[[sqlite3.Connection], None]:
+    def unit(conn: sqlite3.Connection) -> None:
+        state.mark_delivered(conn, [(p, o, at, event, j) for (event, j), (_, p, o, at) in marks.items()])
+        checked: dict[str, dict[int, int]] = {}
+        for topic, p, o, _ in marks.values():
+            checked.setdefault(topic, {})[p] = max(checked.get(topic, {}).get(p, 0), o + 1)
+        for topic, offsets in checked.items():
+            state.advance_checked(conn, topic, offsets)
+
+    return unit
