@@ -176,7 +176,8 @@ def _policy_engine() -> tuple[PolicyEngine, list[ItemAttributes]]:
     admin = SigningKey.generate()
     pack = load_pack(POLICY_PACK)
     store = PolicyStore(trusted=trusted_keys([admin.public]))
-    store.accept(sign(pack.version(author="bench", effective_from=datetime(2020, 1, 1, tzinfo=UTC)), admin))
+    effective = datetime(2020, 1, 1, tzinfo=UTC)
+    store.accept(sign(pack.version(author="bench", effective_from=effective), admin), appended_at=effective)
     items = [
         ItemAttributes(item_id=f"i{n}", jurisdictions=("DE", "FR"), case_ids=("CASE-SY-001",),
                        classification=("RESTRICTED", "CONFIDENTIAL", "SECRET")[n % 3],

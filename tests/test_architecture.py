@@ -18,6 +18,7 @@ PURE = [
     "services/shared/registry.py",
     "services/shared/envelope.py",
     "services/shared/audit_records.py",
+    "services/shared/filenames.py",
     "services/policy/attributes.py",
 ]
 FORBIDDEN = {"asyncio", "aiohttp", "aiokafka", "os", "time", "socket", "subprocess", "sqlite3", "random", "secrets"}

@@ -9,6 +9,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from services.policy.topic import ensure_policy_topic
 from services.shared.cluster import KafkaTarget
 from services.shared.errors import ConfigurationError, KafkaUnavailable
 from services.shared.kafka import (
@@ -19,6 +20,7 @@ from services.shared.kafka import (
     make_consumer,
     make_producer,
 )
+from services.shared.settings import KafkaSettings
 
 pytestmark = pytest.mark.kafka
 
@@ -109,3 +111,42 @@ async def test_invalid_topic_config_is_reported_as_unavailable_not_crash(kafka: 
 def test_jurisdiction_codes_are_validated(code: str) -> None:
     with pytest.raises(ConfigurationError, match="not a jurisdiction"):
         evidence_topic(code)
+
+
+async def test_a_hub_topic_gets_the_configured_replication_factor_and_min_insync_replicas(
+    kafka: KafkaTarget, topic_name: str
+) -> None:
+    """Issue 8: hub.policy was created at replication factor 1 by whichever service came first."""
+    with pytest.raises(KafkaUnavailable, match="InvalidReplicationFactor"):  # one broker cannot hold two replicas
+        await ensure_policy_topic(kafka.bootstrap, topic_name, kafka=KafkaSettings(replication_factor=2))
+    report = await ensure_policy_topic(kafka.bootstrap, topic_name, kafka=KafkaSettings(min_insync_replicas=2))
+    assert (report.created, report.weaker) == ([topic_name], [])
+    configs = await _configs(kafka.bootstrap, topic_name)
+    assert (configs["min.insync.replicas"], configs["unclean.leader.election.enable"]) == ("2", "false")
+    assert (configs["retention.ms"], configs["message.timestamp.type"]) == ("-1", "LogAppendTime")
+
+
+async def test_an_existing_topic_with_weaker_settings_is_reported_naming_topic_and_setting(
+    kafka: KafkaTarget, topic_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await _create(kafka.bootstrap, topic_name, {"retention.ms": str(7 * 86_400_000), "min.insync.replicas": "1"})
+    report = await ensure_policy_topic(kafka.bootstrap, topic_name, kafka=KafkaSettings(min_insync_replicas=2))
+    assert report.created == []
+    assert {(w.setting, w.wanted, w.actual) for w in report.weaker} == {
+        ("min.insync.replicas", "2", "1"), ("retention.ms", "-1", "604800000"),
+        ("message.timestamp.type", "LogAppendTime", "CreateTime"),
+    }  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"topic {topic_name}: min.insync.replicas is 1, the hub needs 2" in w for w in warnings), warnings
+    stronger = await ensure_policy_topic(kafka.bootstrap, topic_name, kafka=KafkaSettings(min_insync_replicas=1))
+    assert "min.insync.replicas" not in {w.setting for w in stronger.weaker}, "more than needed is not weaker"
+
+
+async def _configs(bootstrap: str, topic: str) -> dict[str, str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        await admin.close()
+    return {entry[0]: entry[1] for entry in response.resources[0][4]}

@@ -10,7 +10,7 @@ from typing import Any
 
 from services.shared.cluster import akafka_cluster
 from services.shared.errors import ConfigurationError
-from services.shared.kafka import ensure_topics, hub_topics
+from services.shared.kafka import ensure_hub_topics, hub_topics
 from services.shared.settings import KafkaSettings
 
 
@@ -46,7 +46,8 @@ async def run_kafka(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         async with akafka_cluster(settings) as target:
-            created = await ensure_topics(target.bootstrap, hub_topics(args.jurisdiction))
+            report = await ensure_hub_topics(target.bootstrap, hub_topics(args.jurisdiction), kafka=settings)
+            created = report.created
             started = f", started in {target.startup_seconds:.1f}s, pid {target.pid}" if target.pid else ""
             print(f"Kafka ({target.kind}) at {target.bootstrap}{started}")
             print(f"data: {target.data_dir} (kept across restarts)" if target.data_dir else

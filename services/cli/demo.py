@@ -36,7 +36,7 @@ from services.policy.version import sign, trusted_keys
 from services.shared.avro import AvroCodec
 from services.shared.cluster import akafka_cluster
 from services.shared.envelope import SequenceTracker, open_envelope
-from services.shared.kafka import KEYS_TOPIC, ensure_topics, evidence_topic, hub_topics, make_producer, read_to_end
+from services.shared.kafka import KEYS_TOPIC, ensure_hub_topics, evidence_topic, hub_topics, make_producer, read_to_end
 from services.shared.keys import SigningKey
 from services.shared.local_kafka import free_port
 from services.shared.registry import KeyRegistry, issue
@@ -75,7 +75,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         out.rule("1. Kafka")
         out.print(f"Apache Kafka ({kafka.kind}) at {bootstrap}" + (f", started in {kafka.startup_seconds:.1f}s" if
                   kafka.pid else "") + (f"; log {kafka.log_file}" if kafka.log_file else ""))  # fmt: skip
-        created = await ensure_topics(bootstrap, hub_topics(JURISDICTIONS))
+        created = (await ensure_hub_topics(bootstrap, hub_topics(JURISDICTIONS), kafka=KafkaSettings())).created
         out.print(f"topics: {', '.join(created) or 'already there'}")
 
         out.rule("2. Keys and certificates (generated now, never committed)")
@@ -102,7 +102,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         # in force at 12:00:00.9 — and the demo decides within a second or two of pushing.
         effective = datetime.now(UTC).replace(microsecond=0)
         signed = sign(pack.version(author="demo policy admin", effective_from=effective), admin)
-        await publish_version(bootstrap, signed)
+        await publish_version(bootstrap, signed, kafka=KafkaSettings())
         out.print(f"publisher key registered on {KEYS_TOPIC}; policy version {signed.content_hash[:16]}… "
                   f"({len(pack.offices)} offices) pushed to hub.policy")  # fmt: skip
 
@@ -181,9 +181,12 @@ async def _decide(out: Console, codec: AvroCodec, bootstrap: str, admin: Signing
     now = datetime.now(UTC)
     for j, office in OFFICES.items():
         topic = evidence_topic(j)
-        for r in (await read_to_end(bootstrap, topic))[:shown]:
-            event = open_envelope(codec, r.value or b"", topic=topic, keys=registry).record
-            d = engine.decide(office, READ_ITEM, item_attributes(event), now, purpose="prosecution")
+        opened = [open_envelope(codec, r.value or b"", topic=topic, keys=registry)
+                  for r in await read_to_end(bootstrap, topic)]  # fmt: skip
+        withdrawn = {v.record["item_id"] for v in opened if v.schema == "evidence_withdrawal"}
+        for event in [v.record for v in opened if v.schema == "evidence_event"][:shown]:
+            attributes = item_attributes(event, withdrawn=event["item_id"] in withdrawn)
+            d = engine.decide(office, READ_ITEM, attributes, now, purpose="prosecution")
             verdict = "[green]allow[/green]" if d.allowed else "[red]deny[/red]"
             withheld = ("(not released)" if not d.allowed else ", ".join(d.withheld_fields)) or "-"
             why = ", ".join(d.determining_policies) or "default deny"

@@ -1,4 +1,10 @@
-"""``evhub keys``: Ed25519 key pairs, and the publisher key registry on ``hub.keys`` (issue, revoke, list)."""
+"""``evhub keys``: Ed25519 key pairs, and the publisher key registry on ``hub.keys`` (issue, revoke, list).
+
+``register`` and ``revoke`` replay ``hub.keys`` as a receiver trusting the anchor would, build the next revision
+from the key's current entry (a revocation carries over its organisation and validity window; only the revocation
+and the per-topic cut-offs change), and apply the new record to that replayed registry before sending it — a
+record receivers would refuse is never published.
+"""
 
 from __future__ import annotations
 
@@ -28,11 +34,13 @@ def register(sub: Any) -> None:
         p = keys.add_parser(name, help=helptext)
         p.add_argument("--anchor-key", type=Path, required=True, help="trust anchor private key (PEM)")
         p.add_argument("--public-key", type=Path, required=True, help="publisher public key (PEM)")
-        p.add_argument("--org", required=True, help="organisation the key belongs to")
         p.add_argument("--revision", type=int, default=None,
                        help="must exceed the key's previous record (default: the current one on hub.keys + 1)")
-        p.add_argument("--not-before", type=datetime.fromisoformat, default=None)
-        p.add_argument("--not-after", type=datetime.fromisoformat, default=None)
+        if name == "register":
+            p.add_argument("--org", required=True, help="organisation the key belongs to")
+            p.add_argument("--not-before", type=_aware, default=None,
+                           help="start of validity (default: now; for a registered key, its current start)")
+            p.add_argument("--not-after", type=_aware, default=None)
         if name == "revoke":
             p.add_argument("--last-valid", action="append", default=[], metavar="TOPIC=N",
                            help="last genuine sequence number on TOPIC (repeatable; sequences count per topic)")
@@ -42,6 +50,16 @@ def register(sub: Any) -> None:
     ls = keys.add_parser("list", help="the registry as a receiver sees it")
     ls.add_argument("--anchor", type=Path, action="append", required=True, help="trust anchor public key (PEM)")
     ls.set_defaults(handler=run_list)
+
+
+def _aware(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError("give a time zone, e.g. 2026-01-31T12:00:00Z")
+    return moment
 
 
 def _bootstrap() -> str:
@@ -76,28 +94,41 @@ async def run_generate(args: argparse.Namespace) -> int:
 
 
 async def run_register(args: argparse.Namespace) -> int:
+    """Raises: ValidationFailed (revoking an unknown key, bad cut-offs), UntrustedKey (a record receivers would
+    refuse: e.g. a re-registration under another organisation), ConfigurationError, KafkaUnavailable."""
     codec = AvroCodec.load()
     anchor = SigningKey.from_pem(_read(args.anchor_key))
     public = PublicKey.from_pem(_read(args.public_key))
     now = datetime.now(UTC)
     per_topic = _cut_offs(args.last_valid) if args.revoke else {}
     bootstrap = _bootstrap()
-    revision = args.revision if args.revision is not None else await _next_revision(
-        codec, bootstrap, anchor.public, public.key_id, must_exist=args.revoke
-    )  # fmt: skip
+    registry = KeyRegistry(codec, anchors=[anchor.public])  # hub.keys as a receiver trusting this anchor sees it
+    registry.apply_all(r.value for r in await read_to_end(bootstrap, KEYS_TOPIC) if r.value is not None)
+    current = registry.entry(public.key_id) if public.key_id in registry.key_ids() else None
+    revision = args.revision if args.revision is not None else (current.revision + 1 if current else 1)
+    if args.revoke:
+        if current is None:
+            raise ValidationFailed(f"key {public.key_id[:16]}… is not on hub.keys under this anchor; nothing to revoke")
+        # Only the revocation changes: the key's organisation and validity window are its history.
+        organisation, not_before, not_after = current.organisation, current.not_before, current.not_after
+    else:
+        organisation = args.org
+        not_before = args.not_before or (current.not_before if current else now)
+        not_after = args.not_after
     record = issue(
-        codec, anchor, public_key=public, organisation=args.org, not_before=args.not_before or now,
-        not_after=args.not_after, revoked_at=now if args.revoke else None,
+        codec, anchor, public_key=public, organisation=organisation, not_before=not_before, not_after=not_after,
+        revoked_at=now if args.revoke else None,
         last_valid_sequence=args.last_valid_sequence if args.revoke else None, last_valid_sequences=per_topic,
         revision=revision,
     )  # fmt: skip
+    registry.apply(record)  # refused here → never sent: receivers would refuse it the same way
     producer = make_producer(bootstrap, client_id="evhub-keys")
     await producer.start()
     try:
         await producer.send_and_wait(KEYS_TOPIC, record, key=public.key_id.encode())
     finally:
         await producer.stop()
-    print(f"{'revoked' if args.revoke else 'registered'} {public.key_id} for {args.org} (revision {revision})")
+    print(f"{'revoked' if args.revoke else 'registered'} {public.key_id} for {organisation} (revision {revision})")
     return 0
 
 
@@ -115,21 +146,6 @@ def _cut_offs(values: list[str]) -> dict[str, int]:
             raise ValidationFailed(f"--last-valid takes TOPIC=N (e.g. evidence.DE=41873), not {value!r}")
         out[topic] = int(number)
     return out
-
-
-async def _next_revision(codec: AvroCodec, bootstrap: str, anchor: PublicKey, key_id: str, *, must_exist: bool) -> int:
-    """One more than the key's record on hub.keys, as a receiver trusting ``anchor`` sees it.
-
-    Raises:
-        ValidationFailed: revoking a key the registry does not know.
-    """
-    registry = KeyRegistry(codec, anchors=[anchor])
-    registry.apply_all(r.value for r in await read_to_end(bootstrap, KEYS_TOPIC) if r.value is not None)
-    if key_id in registry.key_ids():
-        return registry.entry(key_id).revision + 1
-    if must_exist:
-        raise ValidationFailed(f"key {key_id[:16]}… is not on hub.keys under this anchor; nothing to revoke")
-    return 1
 
 
 async def run_list(args: argparse.Namespace) -> int:

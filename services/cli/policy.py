@@ -5,7 +5,11 @@ Policy-admin key pairs come from ``evhub keys generate``.
 Each handler is ``async def (args) -> exit code`` and raises ``services.shared.errors`` exceptions; ``main``
 turns those into a one-line message and an exit code. ``push``/``history``/``show`` read and write ``hub.policy``
 directly (``EVHUB_KAFKA_BOOTSTRAP``); ``explain`` evaluates locally, from the topic or from ``--policy-dir``.
-Trusted policy-admin keys come from ``--trust PEM`` (repeatable) or ``EVHUB_POLICY_ADMIN_KEYS``.
+Trusted policy-admin keys come from ``--trust PEM`` (repeatable) and ``EVHUB_POLICY_ADMIN_KEYS`` — the same
+variable, read by the same settings class, as the policy service; so does the clock-skew allowance
+(``EVHUB_POLICY_MAX_CLOCK_SKEW_S``). ``push`` checks the exact record it will publish with the service's own check
+(:meth:`PolicyStore.check_record`) against those keys and the history on the topic, and publishes nothing if it
+fails; the key it signs with is trusted only if it is among them.
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ from services.policy.engine import PolicyEngine, PolicyStore
 from services.policy.model import ACTIONS, FeedRef, ItemAttributes
 from services.policy.pack import SAMPLE_PACK, PolicyPack, load_item_json, load_items, load_pack
 from services.policy.settings import PolicySettings
-from services.policy.topic import ensure_policy_topic, load_store, publish_version
+from services.policy.topic import load_store, publish_version
 from services.policy.version import sign, trusted_keys
 from services.shared.errors import ConfigurationError, EvidenceHubError, NotFound, PolicyError, ValidationFailed
 from services.shared.kafka import POLICY_TOPIC
-from services.shared.keys import PublicKey, SigningKey
-from services.shared.settings import KafkaSettings
+from services.shared.keys import SigningKey
+from services.shared.settings import KafkaSettings, read_public_keys
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -95,20 +99,20 @@ def _bootstrap() -> str:
     return bootstrap
 
 
-def _trusted(args: argparse.Namespace, *extra: PublicKey) -> dict[str, PublicKey]:
+def _empty_store(args: argparse.Namespace) -> PolicyStore:
+    """A store trusting exactly the policy-admin keys a policy service configured like this shell would trust.
+
+    Raises:
+        ConfigurationError: no key named (``--trust`` or ``EVHUB_POLICY_ADMIN_KEYS``), or one unusable.
+    """
     settings = PolicySettings()
     paths: list[Path] = [*args.trust, *settings.admin_keys]
-    keys = [*extra]
-    for path in paths:
-        try:
-            keys.append(PublicKey.from_pem(path.read_bytes()))
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from exc
-    return trusted_keys(keys)
+    keys = read_public_keys(paths, what="trusted policy-admin key", env="--trust or EVHUB_POLICY_ADMIN_KEYS")
+    return PolicyStore(trusted=trusted_keys(keys), max_clock_skew=settings.max_clock_skew)
 
 
-async def _store(args: argparse.Namespace, *extra: PublicKey) -> PolicyStore:
-    return await load_store(_bootstrap(), PolicyStore(trusted=_trusted(args, *extra)), topic=args.topic)
+async def _store(args: argparse.Namespace) -> PolicyStore:
+    return await load_store(_bootstrap(), _empty_store(args), topic=args.topic)
 
 
 def _check(args: argparse.Namespace, *, consequence: str) -> PolicyPack:
@@ -142,10 +146,18 @@ async def run_push(args: argparse.Namespace) -> int:
     effective = args.effective_from or datetime.now(UTC).replace(microsecond=0)
     version = pack.version(author=args.author, effective_from=effective)
     signed = sign(version, key)
-    await ensure_policy_topic(_bootstrap(), args.topic)
-    store = await _store(args, key.public)
-    store.check(signed)  # the same checks the policy service will make, including effective_from ordering
-    where = await publish_version(_bootstrap(), signed, topic=args.topic)
+    try:
+        store = await _store(args)
+    except NotFound:  # no version was ever pushed: the history is empty
+        store = _empty_store(args)
+    # The service's own check of the exact bytes about to be published: trusted admin keys, Cedar, ordering, and
+    # not back-dated (the record is appended now). Nothing is published if it fails.
+    store.check_record(signed.to_record(), appended_at=datetime.now(UTC))
+    where = await publish_version(_bootstrap(), signed, topic=args.topic, kafka=KafkaSettings())
+    accepted = (await _store(args)).history()  # what every reader now holds, with the broker's timestamp
+    if signed.content_hash not in {v.content_hash for v in accepted}:
+        raise PolicyError(f"{signed.content_hash} was published ({where}) but readers refuse it; see evhub policy"
+                          " history")  # fmt: skip
     print(f"pushed {signed.content_hash} ({where}), effective from {version.effective_from.isoformat()}")
     return 0
 
@@ -182,7 +194,7 @@ def _local_store(path: Path) -> PolicyStore:
     pack = load_pack(path)
     key = SigningKey.generate()
     store = PolicyStore(trusted=trusted_keys([key.public]))
-    store.accept(sign(pack.version(author="local", effective_from=_EPOCH), key))
+    store.accept(sign(pack.version(author="local", effective_from=_EPOCH), key), appended_at=_EPOCH)
     return store
 
 

@@ -134,7 +134,8 @@ async def publish_one(
         return outcome
     form = aiohttp.FormData()
     form.add_field("metadata", entry.metadata.model_dump_json(exclude_none=True), content_type="application/json")
-    form.add_field("file", _file_chunks(entry.path, advance), filename=entry.path.name,
+    # The name the manifest check accepted (services.shared.filenames), never the raw name on disk.
+    form.add_field("file", _file_chunks(entry.path, advance), filename=entry.metadata.file_name,
                    content_type="application/octet-stream")  # fmt: skip
     headers = {
         "Idempotency-Key": f"evhub-publish:{entry.metadata.item_id}:{sha}",

@@ -2,7 +2,11 @@
 
 The gateway and ``evhub`` use this so that what a policy sees is exactly what the publisher signed: the target
 jurisdiction of each published copy, the case ids, the classification, the labels, the embargo and consent
-restrictions, and which protected fields the item carries.
+restrictions, whether the item was withdrawn, and every label found on the item's protected digests — the ones the
+policy decides (``protected_fields``) and the ones it cannot (``undecidable_fields``: ``UNKNOWN``, ``GRAPHIC`` …),
+so that a value with an undecidable label is withheld from everyone rather than forgotten.
+
+Does not own: whether an item was withdrawn (the caller knows from the withdrawal events it has seen, and must say).
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ from typing import Any, cast
 from services.policy.model import PROTECTED_LABELS, ItemAttributes, ProtectedLabel, SensitivityLabel
 
 
-def item_attributes(
-    event: Mapping[str, Any], *, published_to: Iterable[str] = (), withdrawn: bool = False
-) -> ItemAttributes:
+def item_attributes(event: Mapping[str, Any], *, published_to: Iterable[str] = (), withdrawn: bool) -> ItemAttributes:
     """``event`` is a decoded ``evidence_event`` record; ``published_to`` adds the jurisdictions of the item's other
-    copies (an item is one event per jurisdiction)."""
+    copies (an item is one event per jurisdiction); ``withdrawn`` has no default — a caller that forgot to look
+    would otherwise release withdrawn evidence."""
     sharing = event["sharing"]
     labels = [s for s in event["sensitivity"] if s != "UNKNOWN"]
-    protected = sorted({p["label"] for p in event["protected"] if p["label"] in PROTECTED_LABELS})
+    on_digests = {p["label"] for p in event["protected"]}
+    protected = sorted(on_digests & set(PROTECTED_LABELS))
     return ItemAttributes(
         item_id=event["item_id"],
         jurisdictions=tuple(sorted({event["jurisdiction"], *published_to})),
@@ -32,4 +36,5 @@ def item_attributes(
         consent_purposes=tuple(sharing["purposes"]),
         withdrawn=withdrawn,
         protected_fields=tuple(cast(list[ProtectedLabel], protected)),
+        undecidable_fields=tuple(sorted(on_digests - set(PROTECTED_LABELS))),
     )

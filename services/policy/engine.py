@@ -3,9 +3,16 @@
 Owns: :class:`PolicyStore` (every accepted version, refusing unsigned, wrongly signed, invalid or back-dated
 ones while the version in force stays in force; the count of refused records) and :class:`PolicyEngine`
 (``decide`` with a bounded cache, plus uncached and parse-every-call variants for benchmarks). Pure: versions
-arrive as bytes or models, time arrives as ``at``; no asyncio, aiohttp, aiokafka, os or time here.
+arrive as bytes or models, time arrives as ``at`` / ``appended_at``; no asyncio, aiohttp, aiokafka, os or time here.
 
 Does not own: reading ``hub.policy`` (``topic``), HTTP (``service``), what the rules say (the policy pack).
+
+History is never rewritten. A version may not take effect before the log accepted it: one whose
+``effective_from`` is earlier than its ``hub.policy`` record's timestamp (``appended_at``) minus a small clock-skew
+allowance is refused, and one accepted within the allowance takes effect just after it was appended
+(``appended_at`` + 1 ms, the resolution of Kafka timestamps), not at the earlier moment it names. So a read
+decided at time T by a store that had every record appended by then is decided by the version that
+:meth:`PolicyStore.in_force` names for T forever after — the version an auditor replaying ``hub.policy`` finds.
 
 Cache soundness: a decision depends only on (version, office, action, the item's :meth:`policy_key`, purpose,
 ``at`` to the second). ``at`` is truncated to whole seconds before Cedar sees it, and policies may not name
@@ -20,7 +27,8 @@ import logging
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Final
 
 import cedarpy
 
@@ -31,10 +39,18 @@ from services.policy.model import (
     Decision,
     FeedRef,
     ItemAttributes,
+    ProtectedLabel,
     protected_action,
 )
 from services.policy.version import SignedPolicyVersion, from_record
-from services.shared.errors import DecodeError, NotFound, PolicyError, TrustError, ValidationFailed
+from services.shared.errors import (
+    ConfigurationError,
+    DecodeError,
+    NotFound,
+    PolicyError,
+    TrustError,
+    ValidationFailed,
+)  # fmt: skip
 from services.shared.keys import PublicKey
 
 log = logging.getLogger(__name__)
@@ -42,66 +58,119 @@ log = logging.getLogger(__name__)
 Resource = ItemAttributes | FeedRef
 
 
-class PolicyStore:
-    """All accepted policy versions, ordered by ``effective_from`` (which strictly increases)."""
+#: How much earlier than its record's timestamp a version may say it takes effect (clocks of the pushing host
+#: and the broker disagree a little); the default of every store, the policy service and ``evhub policy push``.
+MAX_CLOCK_SKEW: Final = timedelta(seconds=30)
+#: Kafka record timestamps are whole milliseconds: a record stamped T was appended somewhere in [T, T + 1 ms).
+APPEND_RESOLUTION: Final = timedelta(milliseconds=1)
 
-    def __init__(self, *, trusted: Mapping[str, PublicKey]) -> None:
+
+class PolicyStore:
+    """All accepted policy versions, in log order: ``effective_from`` strictly increases, and the moment each
+    takes effect (:meth:`in_force_from`) never decreases."""
+
+    def __init__(self, *, trusted: Mapping[str, PublicKey], max_clock_skew: timedelta = MAX_CLOCK_SKEW) -> None:
+        """Raises: ConfigurationError for a negative clock-skew allowance."""
+        if max_clock_skew < timedelta(0):
+            raise ConfigurationError("the clock-skew allowance for policy versions cannot be negative")
         self._trusted = dict(trusted)
+        self._max_clock_skew = max_clock_skew
         self._versions: list[CompiledPolicy] = []
         self._starts: list[datetime] = []
         self._by_hash: dict[str, CompiledPolicy] = {}
+        self._start_of: dict[str, datetime] = {}
         #: Refused records by reason family (``DecodeError``, ``UntrustedKey``, ``PolicyError`` …).
         self.rejected: Counter[str] = Counter()
 
-    def check(self, signed: SignedPolicyVersion) -> CompiledPolicy:
+    def check(self, signed: SignedPolicyVersion, *, appended_at: datetime) -> CompiledPolicy:
         """Everything :meth:`accept` checks, without adding the version. A known version is returned as is.
+        ``appended_at`` is when the version is (about to be) appended to ``hub.policy``: "now" before publishing.
 
         Raises:
             TrustError: unsigned, untrusted key, or a signature that does not match.
-            PolicyError: Cedar refused the policies, schema or offices, or ``effective_from`` is not later than
-                the newest accepted version's (history is never rewritten).
+            PolicyError: Cedar refused the policies, schema or offices; ``effective_from`` is not later than the
+                newest accepted version's; or it is earlier than ``appended_at`` minus the clock-skew allowance
+                (history is never rewritten).
+            ValidationFailed: ``appended_at`` has no time zone (a caller bug).
         """
         known = self._by_hash.get(signed.content_hash)
         if known is not None:
             return known
+        if appended_at.tzinfo is None:
+            raise ValidationFailed("appended_at must carry a time zone")
         version = signed.verify(self._trusted)
-        if self._starts and version.effective_from <= self._starts[-1]:
+        newest = self._versions[-1].effective_from if self._versions else None
+        if newest is not None and version.effective_from <= newest:
             raise PolicyError(
                 f"policy version {signed.content_hash[:16]} is effective from {version.effective_from.isoformat()},"
-                f" not after the newest version's {self._starts[-1].isoformat()}"
+                f" not after the newest version's {newest.isoformat()}"
+            )
+        if version.effective_from < appended_at - self._max_clock_skew:
+            raise PolicyError(
+                f"policy version {signed.content_hash[:16]} is back-dated: effective from"
+                f" {version.effective_from.isoformat()}, but appended at {appended_at.isoformat()} (allowed clock"
+                f" skew {self._max_clock_skew.total_seconds():g} s); a version may not take effect before it was"
+                " accepted"
             )
         return compile_version(version)
 
-    def accept(self, signed: SignedPolicyVersion) -> CompiledPolicy:
-        """Verify, validate and add one version; re-accepting a known version is a no-op that returns it. A
-        refused version changes nothing: the version in force stays in force.
+    def check_record(self, record: bytes, *, appended_at: datetime) -> CompiledPolicy:
+        """The one check a ``hub.policy`` record passes before anyone publishes it (the policy service's
+        ``POST /v1/versions`` and ``evhub policy push``): decoded exactly as :meth:`ingest` decodes it, then
+        :meth:`check`. Adds nothing.
 
         Raises:
-            TrustError, PolicyError: as :meth:`check`.
+            DecodeError: not a canonical policy record. TrustError, PolicyError, ValidationFailed: as :meth:`check`.
+        """
+        return self.check(from_record(record), appended_at=appended_at)
+
+    def accept(self, signed: SignedPolicyVersion, *, appended_at: datetime) -> CompiledPolicy:
+        """Verify, validate and add one version appended to the log at ``appended_at``; re-accepting a known
+        version is a no-op that returns it. A refused version changes nothing: the version in force stays.
+
+        Raises:
+            TrustError, PolicyError, ValidationFailed: as :meth:`check`.
         """
         if signed.content_hash in self._by_hash:
             return self._by_hash[signed.content_hash]
-        compiled = self.check(signed)
+        compiled = self.check(signed, appended_at=appended_at)
         version = compiled.version
+        # In force from its effective_from, but never before the log held it; and in log order even if the
+        # broker's clock stepped back.
+        start = max(version.effective_from, appended_at + APPEND_RESOLUTION, *self._starts[-1:])
         self._versions.append(compiled)
-        self._starts.append(version.effective_from)
+        self._starts.append(start)
         self._by_hash[compiled.content_hash] = compiled
-        log.info("policy version %s by %s accepted, effective from %s",
-                 compiled.content_hash, version.author, version.effective_from.isoformat())  # fmt: skip
+        self._start_of[compiled.content_hash] = start
+        log.info("policy version %s by %s accepted, effective from %s, in force from %s", compiled.content_hash,
+                 version.author, version.effective_from.isoformat(), start.isoformat())  # fmt: skip
         return compiled
 
-    def ingest(self, record: bytes, *, where: str) -> CompiledPolicy | None:
-        """Apply one ``hub.policy`` record; a record that cannot be trusted or used is logged, counted and
-        skipped — never applied. ``where`` (e.g. ``hub.policy[0]@17``) goes into the log line."""
+    def ingest(self, record: bytes, *, where: str, appended_at: datetime) -> CompiledPolicy | None:
+        """Apply one ``hub.policy`` record, whose Kafka timestamp is ``appended_at``; a record that cannot be
+        trusted or used is logged, counted and skipped — never applied. ``where`` (e.g. ``hub.policy[0]@17``) goes
+        into the log line."""
         try:
-            return self.accept(from_record(record))
+            return self.accept(from_record(record), appended_at=appended_at)
         except (DecodeError, TrustError, PolicyError) as exc:
             self.rejected[type(exc).__name__] += 1
             log.error("policy record %s refused (%s): %s", where, type(exc).__name__, exc.detail)
             return None
 
+    def in_force_from(self, content_hash: str) -> datetime:
+        """The moment an accepted version took effect: its ``effective_from``, or just after it was appended if
+        that was later.
+
+        Raises:
+            NotFound: no accepted version has that hash.
+        """
+        start = self._start_of.get(content_hash)
+        if start is None:
+            raise NotFound(f"no policy version {content_hash}")
+        return start
+
     def in_force(self, at: datetime) -> CompiledPolicy | None:
-        """The version in force at ``at``: the newest whose ``effective_from`` is not after it."""
+        """The version in force at ``at``: the newest whose :meth:`in_force_from` is not after it."""
         index = bisect.bisect_right(self._starts, at)
         return self._versions[index - 1] if index else None
 
@@ -205,11 +274,26 @@ class PolicyEngine:
         self._hits = self._misses = 0
 
 
+def _decided_labels(action: str, item: Resource) -> tuple[ProtectedLabel, ...]:
+    """The protected labels on ``item`` that deciding ``action`` decides: every decidable one for ``ReadItem`` /
+    ``ReadContent``, the action's own label for ``ReadProtected_<LABEL>``, none otherwise."""
+    if not isinstance(item, ItemAttributes):
+        return ()
+    present = tuple(dict.fromkeys(item.protected_fields))
+    if action in REDACTING_ACTIONS:
+        return present
+    return tuple(label for label in present if protected_action(label) == action)
+
+
 def _evaluate(
     compiled: CompiledPolicy | None, office_id: str, action: str, item: Resource, now: datetime,
     purpose: str | None, *, parse_every_call: bool = False,
 ) -> Decision:  # fmt: skip
-    everything = item.protected_fields if isinstance(item, ItemAttributes) else ()
+    undecidable: tuple[str, ...] = ()
+    everything: tuple[str, ...] = ()
+    if isinstance(item, ItemAttributes):
+        undecidable = tuple(dict.fromkeys(item.undecidable_fields))
+        everything = (*dict.fromkeys(item.protected_fields), *undecidable)
     if compiled is None:
         return Decision.deny(f"no valid policy version in force at {now.isoformat()}").model_copy(
             update={"withheld_fields": everything}
@@ -221,8 +305,10 @@ def _evaluate(
     if action not in ACTIONS:
         return Decision(allowed=False, withheld_fields=everything, policy_version=version,
                         reasons=(f"unknown action {action!r}",))  # fmt: skip
-    labels = tuple(dict.fromkeys(everything)) if action in REDACTING_ACTIONS else ()
-    requests = [request(office_id, a, item, now, purpose) for a in (action, *map(protected_action, labels))]
+    decided = _decided_labels(action, item)
+    # ReadItem/ReadContent decide each label with a request of its own; ReadProtected_<LABEL> is that request.
+    per_label = decided if action in REDACTING_ACTIONS else ()
+    requests = [request(office_id, a, item, now, purpose) for a in (action, *map(protected_action, per_label))]
     if parse_every_call:
         text = compiled.version
         entities = json.dumps([*map(office_entity, text.offices), resource_entity(item)])
@@ -238,11 +324,16 @@ def _evaluate(
         return Decision(allowed=False, withheld_fields=everything, policy_version=version,
                         determining_policies=determining, reasons=(why,), errors=errors)  # fmt: skip
     reasons = [f"allowed by {', '.join(determining)}"]
-    withheld: list[str] = []
-    for label, result in zip(labels, fields, strict=True):
-        if not result.allowed:
-            withheld.append(label)
-            by = _ids(compiled, result.diagnostics.reasons)
-            reasons.append(f"{label} withheld: " + (f"by {', '.join(by)}" if by else "no policy permits it"))
-    return Decision(allowed=True, withheld_fields=tuple(withheld), policy_version=version,
-                    determining_policies=determining, reasons=tuple(reasons), errors=errors)  # fmt: skip
+    disclosed: list[str] = [] if per_label else list(decided)
+    for label, result in zip(per_label, fields, strict=True):
+        if result.allowed:
+            disclosed.append(label)
+            continue
+        by = _ids(compiled, result.diagnostics.reasons)
+        reasons.append(f"{label} withheld: " + (f"by {', '.join(by)}" if by else "no policy permits it"))
+    if undecidable:
+        reasons.append(f"{', '.join(undecidable)} withheld: no policy decides these labels")
+    withheld = tuple(label for label in everything if label not in disclosed)
+    return Decision(allowed=True, withheld_fields=withheld, disclosed_fields=tuple(disclosed),
+                    policy_version=version, determining_policies=determining, reasons=tuple(reasons),
+                    errors=errors)  # fmt: skip

@@ -11,15 +11,19 @@ Actions, as named in the Cedar schema and in every decision:
 - ``ReadFeed`` — subscribe to ``evidence.<jurisdiction>`` (resource: a :class:`FeedRef`);
 - ``ReadItem`` — receive an item's metadata in a feed; ``ReadContent`` — download its bytes;
 - ``ReadProtected_<LABEL>`` for each label in :data:`PROTECTED_LABELS` — receive the disclosure of a protected
-  field. Deciding ``ReadItem``/``ReadContent`` also decides each protected label present on the item; the
-  labels refused become :attr:`Decision.withheld_fields`. That is how redaction is decided.
+  field. Deciding ``ReadItem``/``ReadContent`` also decides each protected label present on the item.
+
+Redaction is an allow-list: :attr:`Decision.disclosed_fields` names the labels that were decided *and* allowed;
+a gateway forwards only disclosures with those labels. Everything else present on the item — refused labels,
+labels the policy cannot decide (:attr:`ItemAttributes.undecidable_fields`: ``UNKNOWN``, ``GRAPHIC`` …) and,
+when the read itself is denied, every label — is in :attr:`Decision.withheld_fields`.
 """
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 Classification = Literal["PUBLIC", "RESTRICTED", "CONFIDENTIAL", "SECRET"]
 SensitivityLabel = Literal[
@@ -41,6 +45,7 @@ ACTIONS: Final[tuple[str, ...]] = (
 )  # fmt: skip
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+_LABEL = r"^[A-Z][A-Z0-9_]{0,63}$"
 _CODE = r"^[A-Z]{2}(-[A-Z0-9]{1,8})?$"
 
 
@@ -80,8 +85,20 @@ class ItemAttributes(_Frozen):
     #: Purposes the source consented to; empty means no restriction.
     consent_purposes: tuple[str, ...] = ()
     withdrawn: bool = False
-    #: The protected-field labels present on the item (their disclosures travel separately).
+    #: The protected-field labels present on the item that the policy decides (their disclosures travel
+    #: separately).
     protected_fields: tuple[ProtectedLabel, ...] = ()
+    #: Labels present on the item's protected digests that no policy decides (``UNKNOWN`` — what a label from a
+    #: newer schema resolves to —, ``GRAPHIC``, ``PERPETRATOR_IDENTIFYING`` …): withheld from every office.
+    undecidable_fields: tuple[Annotated[str, Field(pattern=_LABEL)], ...] = ()
+
+    @field_validator("undecidable_fields")
+    @classmethod
+    def _not_a_decided_label(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        decided = sorted(set(labels) & set(PROTECTED_LABELS))
+        if decided:
+            raise ValueError(f"{', '.join(decided)} is decided by the policy: list it in protected_fields")
+        return labels
 
     def policy_key(self) -> tuple[object, ...]:
         """Everything a decision may depend on, without the item's id: policies may not name items (checked
@@ -90,7 +107,7 @@ class ItemAttributes(_Frozen):
             tuple(sorted(set(self.jurisdictions))), tuple(sorted(set(self.case_ids))), self.classification,
             tuple(sorted(set(self.sensitivity))), self.embargo_until,
             tuple(sorted(set(self.consent_jurisdictions))), tuple(sorted(set(self.consent_purposes))),
-            self.withdrawn, tuple(sorted(set(self.protected_fields))),
+            self.withdrawn, tuple(sorted(set(self.protected_fields))), tuple(sorted(set(self.undecidable_fields))),
         )  # fmt: skip
 
 
@@ -104,8 +121,12 @@ class Decision(_Frozen):
     """The answer to "may this office do this to this item, at that time?" — with what a court will ask."""
 
     allowed: bool
-    #: Protected-field labels on the item that the office may NOT see (their disclosures are withheld).
+    #: Protected-field labels on the item that the office may NOT see (their disclosures are withheld): every
+    #: label present that is not in :attr:`disclosed_fields`, including the ones the policy cannot decide.
     withheld_fields: tuple[str, ...] = ()
+    #: The allow-list: protected-field labels on the item that were decided and allowed for this office. A gateway
+    #: forwards only disclosures with these labels. A denied decision discloses nothing.
+    disclosed_fields: tuple[str, ...] = ()
     #: The content hash of the policy version that decided; None when no version was in force.
     policy_version: str | None = None
     #: The ``@id`` of each policy that determined the decision (permits if allowed, forbids if denied;

@@ -33,7 +33,7 @@ from services.policy.engine import PolicyEngine, PolicyStore
 from services.policy.model import FeedRef, ItemAttributes
 from services.policy.settings import PolicySettings
 from services.policy.topic import ensure_policy_topic, follow, start_reader
-from services.policy.version import from_record, trusted_keys
+from services.policy.version import trusted_keys
 from services.shared.errors import (
     ConfigurationError,
     InfrastructureError,
@@ -144,19 +144,19 @@ async def get_version(request: web.Request) -> web.Response:
 
 
 async def post_version(request: web.Request) -> web.Response:
-    """Check a signed record exactly as the consumer will (signature, Cedar, ordering), then publish it."""
+    """Check a signed record exactly as the consumer will (signature, Cedar, ordering, not back-dated), then
+    publish it."""
     state = request.app[STATE]
     state.ready()
     data = await _json_body(request)
-    signed = from_record(data)
-    state.store.check(signed)
+    checked = state.store.check_record(data, appended_at=request.app[CLOCK]())  # the record is appended now
     settings = request.app[SETTINGS]
     try:
         meta = await request.app[PRODUCER].send_and_wait(settings.topic, data,
-                                                         key=signed.content_hash.encode("ascii"))  # fmt: skip
+                                                         key=checked.content_hash.encode("ascii"))  # fmt: skip
     except KafkaError as exc:
         raise KafkaUnavailable(f"could not publish the version: {exc}") from exc
-    return web.json_response({"hash": signed.content_hash, "offset": meta.offset}, status=202)
+    return web.json_response({"hash": checked.content_hash, "offset": meta.offset}, status=202)
 
 
 def create_app(
@@ -173,13 +173,13 @@ def create_app(
         raise ConfigurationError("the policy service needs a Kafka bootstrap (EVHUB_KAFKA_BOOTSTRAP)")
     trusted = trusted_keys(tuple(keys) if keys is not None else tuple(settings.load_admin_keys()))
     app = web.Application(middlewares=[problem_middleware], client_max_size=settings.max_body_bytes)
-    store = PolicyStore(trusted=trusted)
+    store = PolicyStore(trusted=trusted, max_clock_skew=settings.max_clock_skew)
     app[STATE] = PolicyState(store=store, engine=PolicyEngine(store, cache_size=settings.cache_size))
     app[SETTINGS] = settings
     app[CLOCK] = clock or (lambda: datetime.now(UTC))
 
     async def kafka(app: web.Application) -> AsyncIterator[None]:
-        await ensure_policy_topic(bootstrap, settings.topic)
+        await ensure_policy_topic(bootstrap, settings.topic, kafka=settings.kafka)
         consumer = await start_reader(bootstrap, settings.topic, client_id="evhub-policy-service")
         producer = make_producer(bootstrap, client_id="evhub-policy-service")
         state = app[STATE]

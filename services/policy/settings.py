@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 from pydantic import Field
@@ -22,9 +23,15 @@ class PolicySettings(ServerTLS, BaseSettings):
     port: int = Field(default=8082, ge=0, le=65535)
     topic: str = POLICY_TOPIC
     admin_keys: list[Path] = Field(default_factory=list)
+    #: How much earlier than its hub.policy record a version may say it takes effect (clock skew between hosts).
+    max_clock_skew_s: float = Field(default=30.0, ge=0, le=300)
     cache_size: int = Field(default=65_536, ge=0)
     max_body_bytes: int = Field(default=2 << 20, ge=1024)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+
+    @property
+    def max_clock_skew(self) -> timedelta:
+        return timedelta(seconds=self.max_clock_skew_s)
 
     def load_admin_keys(self) -> list[PublicKey]:
         """Raises: ConfigurationError if none are configured, or one is unreadable, not Ed25519, or weak."""

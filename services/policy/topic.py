@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -19,26 +20,44 @@ from aiokafka.errors import KafkaError
 from services.policy.engine import PolicyStore
 from services.policy.version import SignedPolicyVersion
 from services.shared.errors import KafkaUnavailable, NotFound
-from services.shared.kafka import POLICY_TOPIC, TopicSpec, ensure_topics, hub_topics, make_consumer, make_producer
+from services.shared.kafka import (
+    POLICY_TOPIC,
+    TopicReport,
+    TopicSpec,
+    ensure_hub_topics,
+    hub_topics,
+    make_consumer,
+    make_producer,
+)
+from services.shared.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
-Record = tuple[str, bytes]  # ("hub.policy[0]@17", value)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+Record = tuple[str, bytes, datetime]  # ("hub.policy[0]@17", value, the record's timestamp)
 
 
-async def ensure_policy_topic(bootstrap: str, topic: str = POLICY_TOPIC) -> None:
-    """Create the policy topic (retention forever) if it does not exist."""
+def _timestamp(ms: int) -> datetime:
+    """A Kafka record timestamp (milliseconds since the epoch) as an aware datetime."""
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+async def ensure_policy_topic(bootstrap: str, topic: str = POLICY_TOPIC, *, kafka: KafkaSettings) -> TopicReport:
+    """Create the policy topic (retention forever, broker timestamps) with the configured replication factor and
+    ``min.insync.replicas`` if it does not exist; report weaker settings if it does (``ensure_hub_topics``)."""
     [spec] = [s for s in hub_topics([]) if s.name == POLICY_TOPIC]
-    await ensure_topics(bootstrap, [TopicSpec(topic, spec.partitions, spec.config)])
+    return await ensure_hub_topics(bootstrap, [TopicSpec(topic, spec.partitions, spec.config)], kafka=kafka)
 
 
-async def publish_version(bootstrap: str, signed: SignedPolicyVersion, *, topic: str = POLICY_TOPIC) -> str:
+async def publish_version(
+    bootstrap: str, signed: SignedPolicyVersion, *, topic: str = POLICY_TOPIC, kafka: KafkaSettings
+) -> str:
     """Append one signed version (acks=all). Returns where it landed, e.g. ``hub.policy[0]@3``.
 
     Raises:
         KafkaUnavailable: the cluster did not accept the record.
     """
-    await ensure_policy_topic(bootstrap, topic)
+    await ensure_policy_topic(bootstrap, topic, kafka=kafka)
     producer = make_producer(bootstrap, client_id="evhub-policy-publisher")
     try:
         await producer.start()
@@ -95,7 +114,7 @@ async def _drain(consumer: AIOKafkaConsumer, on_record: Callable[[Record], objec
         batches = await consumer.getmany(timeout_ms=500)
         for tp, records in batches.items():
             for rec in records:
-                on_record((f"{tp.topic}[{tp.partition}]@{rec.offset}", rec.value or b""))
+                on_record((f"{tp.topic}[{tp.partition}]@{rec.offset}", rec.value or b"", _timestamp(rec.timestamp)))
         for tp in list(pending):
             if await consumer.position(tp) >= ends[tp]:
                 pending.discard(tp)
@@ -122,8 +141,8 @@ async def read_records(bootstrap: str, *, topic: str = POLICY_TOPIC) -> list[Rec
 
 async def load_store(bootstrap: str, store: PolicyStore, *, topic: str = POLICY_TOPIC) -> PolicyStore:
     """Replay the whole topic into ``store`` (refused records are logged and counted by the store)."""
-    for where, value in await read_records(bootstrap, topic=topic):
-        store.ingest(value, where=where)
+    for where, value, appended_at in await read_records(bootstrap, topic=topic):
+        store.ingest(value, where=where, appended_at=appended_at)
     return store
 
 
@@ -135,6 +154,7 @@ async def follow(consumer: AIOKafkaConsumer, store: PolicyStore, caught_up: asyn
         KafkaUnavailable: the cluster failed while following.
     """
     try:
-        await _drain(consumer, lambda r: store.ingest(r[1], where=r[0]), follow=True, caught_up=caught_up)
+        await _drain(consumer, lambda r: store.ingest(r[1], where=r[0], appended_at=r[2]), follow=True,
+                     caught_up=caught_up)  # fmt: skip
     except KafkaError as exc:
         raise KafkaUnavailable(f"lost the policy topic: {exc}") from exc

@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from services.shared import disclosure
 from services.shared.errors import UnsupportedMediaType, ValidationFailed
+from services.shared.filenames import normalised_file_name
 from services.shared.media import OCTET_STREAM, agrees
 
 Kind = Literal["PHOTOGRAPH", "VIDEO", "DOCUMENT", "TESTIMONY", "AUDIO", "DATASET", "OTHER"]
@@ -74,7 +75,7 @@ class EvidenceMetadata(_Model):
     title: ShortText
     description: Annotated[str, StringConstraints(max_length=20_000)] = ""
     media_type: Annotated[str, StringConstraints(max_length=200)] | None = None
-    file_name: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    file_name: Annotated[str, AfterValidator(normalised_file_name)] | None = None
     captured_at: Timestamp | None = None
     device: ShortText | None = None
     collector_pseudonym: ShortText | None = None

@@ -57,8 +57,9 @@ from services.shared.errors import (
     UploadStalled,
     ValidationFailed,
 )
+from services.shared.filenames import check_file_name
 from services.shared.http import peer_common_name, problem_middleware
-from services.shared.kafka import KEYS_TOPIC, ensure_topics, evidence_topic, hub_topics, read_to_end
+from services.shared.kafka import KEYS_TOPIC, ensure_hub_topics, evidence_topic, hub_topics, read_to_end
 from services.shared.keys import SigningKey
 from services.shared.media import sniff
 from services.shared.registry import KeyRegistry
@@ -185,6 +186,7 @@ async def _read_upload(
     if part is None or part.name != "file":
         raise ValidationFailed("the second part must be 'file'", errors=[{"field": "file", "message": "missing"}])
     file_part = part
+    name = meta.file_name or (check_file_name(part.filename, field="file.filename") if part.filename else None)
     detected: list[str] = []
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -204,9 +206,8 @@ async def _read_upload(
         await store.commit(staged)
     finally:
         await store.discard(staged)
-    name = meta.file_name or file_part.filename or staged.sha256
     return meta, ContentInfo(sha256=staged.sha256, size=staged.content.size, media_type=detected[0],
-                             file_name=name), staged  # fmt: skip
+                             file_name=name or staged.sha256), staged  # fmt: skip
 
 
 def repr_digest_sha256(header: str | None) -> str | None:
@@ -423,8 +424,7 @@ async def _own_resources(app: web.Application) -> AsyncIterator[None]:
             await _check_pending(committer, codec, signer)
 
             async def prepare() -> KeyRegistry:
-                topics = hub_topics(settings.jurisdictions, min_insync_replicas=settings.kafka.min_insync_replicas)
-                await ensure_topics(bootstrap, topics, replication_factor=settings.kafka.replication_factor)
+                await ensure_hub_topics(bootstrap, hub_topics(settings.jurisdictions), kafka=settings.kafka)
                 return await _load_registry(codec, settings, bootstrap)
 
             registry = await _retrying("Kafka at start-up", deadline, prepare)

@@ -79,12 +79,14 @@ def reveal(disclosures: Iterable[str], signed: Iterable[Mapping[str, str]]) -> d
     return out
 
 
-def visible(disclosures: Iterable[str], signed: Iterable[Mapping[str, str]], withheld: Iterable[str]) -> list[str]:
-    """The disclosures whose label is not withheld (what the gateway forwards to an office). Disclosures that match
-    no signed digest are dropped: they could only be forgeries."""
-    hidden = set(withheld)
+def visible(disclosures: Iterable[str], signed: Iterable[Mapping[str, str]], *, allowed: Iterable[str]) -> list[str]:
+    """The disclosures an office may receive (what the gateway forwards): only those whose *signed* label is in
+    ``allowed`` (``Decision.disclosed_fields``). Everything else is dropped — a label not allowed or unknown, a
+    disclosure matching no signed digest (it could only be a forgery), a non-ASCII one. An allow-list: a label
+    nobody thought of is withheld, never forwarded."""
+    permitted = set(allowed)
     labels = {d["digest"]: d["label"] for d in signed}
     return [
         d for d in disclosures
-        if d.isascii() and (label := labels.get(digest_of(d))) is not None and label not in hidden
+        if d.isascii() and len(d) <= MAX_DISCLOSURE_CHARS and labels.get(digest_of(d)) in permitted
     ]  # fmt: skip

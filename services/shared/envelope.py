@@ -10,7 +10,13 @@ detected by :class:`SequenceTracker`. Verification uses the topic the record was
 field inside the envelope.
 
 Owns: sealing, opening (verify → payload bytes), payload type ↔ schema names. Does not own: which keys are
-trusted (a :class:`KeyResolver`, usually ``services.shared.registry.KeyRegistry``), disclosures (``disclosure``).
+trusted (a :class:`KeyResolver`, usually ``services.shared.registry.KeyRegistry``), the disclosure format
+(``disclosure``; :func:`open_envelope` uses its :func:`~services.shared.disclosure.reveal` to check every
+disclosure an envelope carries).
+
+The exact bytes — PAE, the Avro single-object encodings, the key id, the disclosure digests — are written down,
+with a worked example in hex, in ``docs/envelope.md``; ``tests/shared/test_envelope_doc.py`` checks the example
+against this code and verifies it with an independent verifier written from the document alone.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from datetime import datetime
 from typing import Any, Final, Protocol
 
 from services.shared.avro import AvroCodec
+from services.shared.disclosure import reveal
 from services.shared.errors import DecodeError, InvalidSignature, ReplayDetected, TrustError, UntrustedKey
 from services.shared.keys import PublicKey, SigningKey
 
@@ -62,7 +69,9 @@ class KeyResolver(Protocol):
 
 @dataclass(frozen=True)
 class Verified:
-    """What :func:`open_envelope` vouches for: the payload bytes, decoded, and who signed them with which sequence."""
+    """What :func:`open_envelope` vouches for: the payload bytes, decoded, who signed them with which sequence, and
+    the disclosures — each one well-formed and matching a digest the signer signed (unsigned bytes of the
+    envelope, checked all the same)."""
 
     payload_type: str
     schema: str
@@ -103,11 +112,13 @@ def open_envelope(codec: AvroCodec, data: bytes, *, topic: str, keys: KeyResolve
     """Verify an envelope read from ``topic`` and decode its payload.
 
     One valid signature from a key the resolver trusts is enough; the signing key must have been valid at the
-    payload's ``published_at``.
+    payload's ``published_at``. Every disclosure must be well-formed and match a digest in the signed payload.
 
     Raises:
-        PayloadTooLarge / DecodeError: the bytes are not a well-formed envelope or payload.
-        InvalidSignature: no signature verifies (including: read from another topic than it was signed for).
+        PayloadTooLarge / DecodeError: the bytes are not a well-formed envelope or payload, or a disclosure is
+            malformed or oversized.
+        InvalidSignature: no signature verifies (including: read from another topic than it was signed for), or
+            a disclosure matches no signed digest (forged, altered or moved from another item).
         UntrustedKey: no signature is by a key trusted for that sequence number and time.
     """
     raw = codec.decode(data, expect=ENVELOPE_SCHEMA, max_bytes=MAX_ENVELOPE_BYTES)
@@ -140,7 +151,9 @@ def open_envelope(codec: AvroCodec, data: bytes, *, topic: str, keys: KeyResolve
             raise UntrustedKey("the event names another publisher than the key that signed it")
         if record.get("jurisdiction") is not None and not topic.endswith("." + record["jurisdiction"]):
             raise InvalidSignature("invalid signature")  # signed for this topic, but says another jurisdiction
-        return Verified(payload_type, schema, record, key_id, sequence, tuple(raw["disclosures"]))
+        disclosures = tuple(raw["disclosures"])
+        reveal(disclosures, record.get("protected", ()))  # a withdrawal signs no digest: it may carry none
+        return Verified(payload_type, schema, record, key_id, sequence, disclosures)
     raise problem
 
 

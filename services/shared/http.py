@@ -2,6 +2,8 @@
 
 Owns: the one place an exception becomes an HTTP response. Hub errors carry their status and title; aiohttp's
 own HTTP errors keep their status; anything else is a 500 whose details go to the log, never to the client.
+Trust errors (which key, why a signature or key was refused) are answered with one generic 422 and an incident
+id; their details go to the log under that id, never to the client (a prober learns nothing about keys).
 """
 
 from __future__ import annotations
@@ -9,17 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
 
-from services.shared.errors import EvidenceHubError
+from services.shared.errors import EvidenceHubError, TrustError
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON: Final = "application/problem+json"
 TYPE_BASE: Final = "https://evidence-hub.example/problems/"
+UNTRUSTED_DETAIL: Final = "a signature or key could not be trusted; the details are logged under the incident id"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -33,6 +37,12 @@ def problem(status: int, title: str, detail: str, *, type_slug: str, instance: s
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except TrustError as exc:
+        incident = uuid.uuid4().hex[:16]
+        log.warning("%s %s → %s untrusted (incident %s): %s: %s", request.method, request.path, exc.http_status,
+                    incident, type(exc).__name__, exc.detail)  # fmt: skip
+        return problem(exc.http_status, TrustError.title, UNTRUSTED_DETAIL, type_slug=TrustError.type_slug,
+                       instance=request.path, incident=incident)  # fmt: skip
     except EvidenceHubError as exc:
         if exc.http_status >= 500:
             log.warning("%s %s → %s: %s", request.method, request.path, exc.http_status, exc.detail)

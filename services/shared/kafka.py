@@ -1,8 +1,10 @@
 """Kafka wiring: producer and consumer factories with safe defaults, and the hub's topics.
 
 Owns: the settings every producer and consumer of the hub must have (acks=all + idempotence; auto-commit
-off), the names and configs of the hub's topics, and creating them idempotently at start-up. Translates
-aiokafka's errors into :class:`KafkaUnavailable` / :class:`ConfigurationError` here and nowhere else.
+off), the names and configs of the hub's topics, and creating them idempotently at start-up — every hub topic
+through :func:`ensure_hub_topics`, with the configured replication factor and ``min.insync.replicas``, reporting
+an existing topic whose settings are weaker than the hub needs. Translates aiokafka's errors into
+:class:`KafkaUnavailable` / :class:`ConfigurationError` here and nowhere else.
 
 Does not own: which cluster (``services.shared.cluster``), what is in the records (``envelope``/``avro``).
 """
@@ -18,9 +20,11 @@ from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from services.shared.errors import ConfigurationError, KafkaUnavailable
+from services.shared.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,8 @@ def hub_topics(
     isr = {"min.insync.replicas": str(min_insync_replicas), "unclean.leader.election.enable": "false"}
     specs = [
         TopicSpec(KEYS_TOPIC, 1, {"cleanup.policy": "compact", **isr}),
-        TopicSpec(POLICY_TOPIC, 1, {**forever, **isr}),
+        # The broker stamps each policy record: a version may not take effect before that moment (policy.engine).
+        TopicSpec(POLICY_TOPIC, 1, {**forever, **isr, "message.timestamp.type": "LogAppendTime"}),
         TopicSpec(AUDIT_TOPIC, 1, {**forever, **isr}),
         TopicSpec(DEAD_LETTER_TOPIC, 1, {**forever, **isr}),
     ]
@@ -143,6 +148,84 @@ async def ensure_topics(
         raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer: {exc}") from exc
     finally:
         await admin.close()
+
+
+@dataclass(frozen=True)
+class WeakSetting:
+    """An existing hub topic whose setting is weaker than the hub needs (or, for non-numeric settings, other)."""
+
+    topic: str
+    setting: str
+    wanted: str
+    actual: str
+
+    def __str__(self) -> str:
+        return f"topic {self.topic}: {self.setting} is {self.actual}, the hub needs {self.wanted}"
+
+
+@dataclass(frozen=True)
+class TopicReport:
+    created: list[str]
+    weaker: list[WeakSetting]
+
+
+#: Settings where a larger number is stronger; every other configured setting must be exactly as specified.
+_AT_LEAST: Final = frozenset({"replication factor", "min.insync.replicas"})
+
+
+async def ensure_hub_topics(bootstrap: str, specs: Iterable[TopicSpec], *, kafka: KafkaSettings) -> TopicReport:
+    """The one way a hub topic is created: missing ones with ``kafka.replication_factor`` and
+    ``kafka.min_insync_replicas`` (overriding whatever ``specs`` say), existing ones checked — each setting weaker
+    than that (a lower replication factor or ``min.insync.replicas``, a retention, cleanup or timestamp type other
+    than the spec's) is logged as a warning naming topic and setting, and returned. It does not refuse to start:
+    altering a topic is the cluster operator's job (``kafka-configs``, partition reassignment), and a service that
+    refused would only add an outage to the shortfall; the warning says exactly what to fix.
+
+    Raises:
+        KafkaUnavailable: the cluster did not answer, or refused to create a topic (e.g. fewer brokers than the
+            replication factor).
+    """
+    isr = {"min.insync.replicas": str(kafka.min_insync_replicas), "unclean.leader.election.enable": "false"}
+    specs = [TopicSpec(s.name, s.partitions, {**s.config, **isr}) for s in specs]
+    created = await ensure_topics(bootstrap, specs, replication_factor=kafka.replication_factor,
+                                  timeout_ms=kafka.request_timeout_ms)  # fmt: skip
+    existing = [s for s in specs if s.name not in created]
+    weaker = await _weaker_settings(bootstrap, existing, replication_factor=kafka.replication_factor,
+                                    timeout_ms=kafka.request_timeout_ms) if existing else []  # fmt: skip
+    for finding in weaker:
+        log.warning("%s (set it on the cluster; the hub does not alter existing topics)", finding)
+    return TopicReport(created=created, weaker=weaker)
+
+
+def _is_weaker(setting: str, wanted: str, actual: str) -> bool:
+    if setting in _AT_LEAST:
+        return int(actual) < int(wanted)
+    return actual != wanted
+
+
+async def _weaker_settings(
+    bootstrap: str, specs: list[TopicSpec], *, replication_factor: int, timeout_ms: int
+) -> list[WeakSetting]:
+    """Raises: KafkaUnavailable if the cluster does not describe the topics."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    try:
+        await admin.start()
+        described = await admin.describe_topics([s.name for s in specs])
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name) for s in specs])
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer: {exc}") from exc
+    finally:
+        await admin.close()
+    replicas = {t["topic"]: min((len(p["replicas"]) for p in t["partitions"]), default=0) for t in described}
+    configs = {resource[3]: {entry[0]: entry[1] for entry in resource[4]}
+               for response in responses for resource in response.resources}  # fmt: skip
+    weaker = []
+    for spec in specs:
+        wanted = {"replication factor": str(replication_factor), **spec.config}
+        actual = {"replication factor": str(replicas.get(spec.name, 0)), **configs.get(spec.name, {})}
+        weaker += [WeakSetting(spec.name, key, value, actual.get(key, "(unset)")) for key, value in wanted.items()
+                   if key not in actual or _is_weaker(key, value, actual[key])]  # fmt: skip
+    return weaker
 
 
 async def partitions_of(bootstrap: str, topic: str) -> list[int]:

@@ -1,7 +1,10 @@
 """The publisher key registry: which Ed25519 keys may sign evidence, when, and up to which sequence number.
 
 Owns: key records signed by a *trust anchor* (an admin key named in configuration, never in the records), the
-rule that a newer revision replaces an older one, and the checks an envelope's signer must pass:
+ordering rules of a key's history — a newer revision replaces an older one, but may not change the key's
+organisation or move its ``not_before`` (so a revocation can never make signatures made before it unverifiable,
+nor hand a key's past to another organisation; python-tuf's trusted metadata set owns its rules the same way) —
+and the checks an envelope's signer must pass:
 unknown → refused; before ``not_before`` or from ``not_after`` → refused; revoked → refused, except
 signatures whose sequence number is at or below ``last_valid_sequence`` (made before the compromise), which
 still verify. Weak (small-order, non-canonical) public keys are refused when a record is applied.
@@ -85,6 +88,23 @@ def issue(
     return codec.encode(KEY_RECORD_SCHEMA, record)
 
 
+def _check_succession(current: KeyEntry, raw: Mapping[str, Any]) -> None:
+    """A newer record for a known key may revoke it, cut it off or end its validity; it may not rewrite who the key
+    belonged to or from when. Signatures already made stay as verifiable as they were.
+
+    Raises:
+        UntrustedKey: a stale revision, another organisation, or another ``not_before``.
+    """
+    if raw["revision"] <= current.revision:
+        raise UntrustedKey(f"stale revision {raw['revision']} (have {current.revision})")
+    if raw["organisation"] != current.organisation:
+        raise UntrustedKey(f"revision {raw['revision']} changes the key's organisation from {current.organisation!r}")
+    if raw["not_before"] != current.not_before:
+        raise UntrustedKey(
+            f"revision {raw['revision']} moves the key's not_before from {current.not_before.isoformat()}"
+        )
+
+
 class KeyRegistry:
     """Trusted publisher keys, as of the records applied so far. Implements ``envelope.KeyResolver``."""
 
@@ -101,7 +121,8 @@ class KeyRegistry:
 
         Raises:
             DecodeError: the record is not a key record.
-            TrustError: not signed by a trust anchor, key id doesn't match the key, weak key, or stale revision.
+            TrustError: not signed by a trust anchor, key id doesn't match the key, weak key, stale revision, or a
+                newer revision that changes the key's organisation or moves its ``not_before``.
         """
         try:
             raw = self._codec.decode(data, expect=KEY_RECORD_SCHEMA, max_bytes=64 * 1024)
@@ -113,8 +134,8 @@ class KeyRegistry:
             if key.key_id != raw["key_id"] or key_id_for(raw["public_key"]) != raw["key_id"]:
                 raise UntrustedKey("key id does not match the public key")
             current = self._entries.get(key.key_id)
-            if current is not None and raw["revision"] <= current.revision:
-                raise UntrustedKey(f"stale revision {raw['revision']} (have {current.revision})")
+            if current is not None:
+                _check_succession(current, raw)
         except (DecodeError, TrustError):
             self.rejected += 1
             raise

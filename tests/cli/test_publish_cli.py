@@ -207,3 +207,26 @@ async def test_a_malformed_protected_column_names_the_column(hub: Hub, tmp_path:
     assert run.code == 2
     assert "protected:WITNESS" in run.stderr
     assert "protected:<LABEL>:<field>" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("on_disk", "file_name"),
+    [("photo\u202egnp.exe", None), ("frame.png", "../../frame.png"), ("frame.png", "frame\x00.png")],
+    ids=["name-on-disk-with-bidi-override", "manifest-path-traversal", "manifest-nul"],
+)
+async def test_an_unsafe_file_name_is_refused_before_anything_is_sent(
+    hub: Hub, tmp_path: Path, on_disk: str, file_name: str | None
+) -> None:
+    folder = tmp_path / "names"
+    folder.mkdir()
+    (folder / on_disk).write_bytes(png())
+    row = {"file": on_disk, "item_id": "SDG-NAME", "case_ids": ["C"], "jurisdictions": hub.stack.jurisdictions,
+           "kind": "PHOTOGRAPH", "title": "x"}  # fmt: skip
+    if file_name is not None:
+        row["file_name"] = file_name
+    (folder / "manifest.json").write_text(json.dumps([row]))
+    run = await hub.evhub("publish", str(folder))
+    assert run.code == 2
+    assert "row 1: file_name" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert await read_to_end(hub.stack.bootstrap, hub.stack.topic(hub.stack.jurisdictions[0])) == []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -12,6 +12,8 @@ from services.policy.version import PolicyVersion, SignedPolicyVersion, sign, tr
 from services.shared.keys import SigningKey
 
 V1_FROM = datetime(2025, 1, 1, tzinfo=UTC)
+#: When the test versions were appended to hub.policy: before any of them takes effect.
+APPENDED = V1_FROM - timedelta(days=1)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +39,7 @@ def signed_v1(v1: PolicyVersion, admin_key: SigningKey) -> SignedPolicyVersion:
 @pytest.fixture
 def store(admin_key: SigningKey, signed_v1: SignedPolicyVersion) -> PolicyStore:
     s = PolicyStore(trusted=trusted_keys([admin_key.public]))
-    s.accept(signed_v1)
+    s.accept(signed_v1, appended_at=APPENDED)
     return s
 
 

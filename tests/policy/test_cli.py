@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from services.cli.policy import register
 from services.policy.pack import SAMPLE_PACK
+from services.policy.topic import read_records
 from services.shared.cluster import KafkaTarget
-from services.shared.errors import ConfigurationError, PolicyError, ValidationFailed
+from services.shared.errors import (
+    ConfigurationError,
+    KafkaUnavailable,
+    NotFound,
+    PolicyError,
+    UntrustedKey,
+    ValidationFailed,
+)
 from services.shared.keys import SigningKey
 
 
@@ -87,7 +96,9 @@ async def test_push_history_show_explain(
     common = ["--topic", topic_name, "--trust", str(public)]
     push = ["policy", "push", str(SAMPLE_PACK), "--key", str(private), "--author", "policy-board", *common]
 
-    assert await evhub(*push, "--effective-from", "2025-01-01T00:00:00Z") == 0
+    with pytest.raises(PolicyError, match="back-dated"):  # effective before it would be appended
+        await evhub(*push, "--effective-from", (datetime.now(UTC) - timedelta(minutes=5)).isoformat())
+    assert await evhub(*push) == 0  # effective now
     pushed = capsys.readouterr().out.split()[1]
     with pytest.raises(PolicyError, match="not after"):
         await evhub(*push, "--effective-from", "2024-01-01T00:00:00Z")
@@ -98,6 +109,7 @@ async def test_push_history_show_explain(
     history = capsys.readouterr().out
     assert f"* {pushed}" in history
     assert "1 version(s)" in history
+    assert "refused" not in history, "the refused pushes published nothing"
 
     assert await evhub("policy", "show", pushed[:12], *common) == 0
     assert '@id("embargo")' in capsys.readouterr().out
@@ -114,8 +126,43 @@ async def test_push_history_show_explain(
 
 
 @pytest.mark.kafka
+async def test_push_refuses_a_key_the_service_would_not_trust_and_publishes_nothing(
+    kafka: KafkaTarget, topic_name: str, keys: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Issue 8: push signed with any key, said "pushed", and the service then refused the version."""
+    monkeypatch.setenv("EVHUB_KAFKA_BOOTSTRAP", kafka.bootstrap)
+    _, trusted_public = keys
+    stranger = tmp_path / "stranger.key"
+    stranger.write_bytes(SigningKey.generate().to_pem())
+    push = ["policy", "push", str(SAMPLE_PACK), "--key", str(stranger), "--author", "x", "--topic", topic_name]
+    monkeypatch.setenv("EVHUB_POLICY_ADMIN_KEYS", f'["{trusted_public}"]')  # as the service is configured
+    with pytest.raises(UntrustedKey, match="untrusted key"):
+        await evhub(*push)
+    monkeypatch.delenv("EVHUB_POLICY_ADMIN_KEYS")
+    with pytest.raises(ConfigurationError, match="EVHUB_POLICY_ADMIN_KEYS"):  # no trust configured: no check
+        await evhub(*push)
+    with pytest.raises(NotFound):  # nothing was published: the topic was not even created
+        await read_records(kafka.bootstrap, topic=topic_name)
+
+
+@pytest.mark.kafka
 async def test_history_needs_trusted_keys(kafka: KafkaTarget, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EVHUB_KAFKA_BOOTSTRAP", kafka.bootstrap)
     monkeypatch.delenv("EVHUB_POLICY_ADMIN_KEYS", raising=False)
     with pytest.raises(ConfigurationError):
         await evhub("policy", "history")
+
+
+@pytest.mark.kafka
+async def test_push_creates_the_policy_topic_with_the_configured_replication_factor(
+    kafka: KafkaTarget, topic_name: str, keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 8: push created hub.policy at replication factor 1 whatever the cluster's configuration said."""
+    private, public = keys
+    monkeypatch.setenv("EVHUB_KAFKA_BOOTSTRAP", kafka.bootstrap)
+    monkeypatch.setenv("EVHUB_KAFKA_REPLICATION_FACTOR", "2")  # one broker here: Kafka must refuse the topic
+    with pytest.raises(KafkaUnavailable, match="InvalidReplicationFactor"):
+        await evhub("policy", "push", str(SAMPLE_PACK), "--key", str(private), "--author", "x", "--topic", topic_name,
+                    "--trust", str(public))  # fmt: skip
+    with pytest.raises(NotFound):
+        await read_records(kafka.bootstrap, topic=topic_name)

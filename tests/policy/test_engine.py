@@ -106,6 +106,7 @@ def test_a_version_is_in_force_from_its_exact_moment_not_the_next_whole_second(
 ) -> None:
     effective = datetime(2026, 5, 1, 9, 0, 0, 600_000, tzinfo=UTC)
     store = PolicyStore(trusted=trusted_keys([admin_key.public]))
-    version = store.accept(sign(pack.version(author="board", effective_from=effective), admin_key))
+    version = store.accept(sign(pack.version(author="board", effective_from=effective), admin_key),
+                           appended_at=effective - timedelta(minutes=1))  # fmt: skip
     decision = PolicyEngine(store).decide("DE-GBA-WCU", "ReadItem", _item(), effective + timedelta(milliseconds=300))
     assert decision.policy_version == version.content_hash, "0.3 s after it took effect, within the same second"

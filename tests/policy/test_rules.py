@@ -119,6 +119,8 @@ def test_rule(engine: PolicyEngine, row: Row) -> None:
     assert decision.allowed is row.allowed, decision.reasons
     assert decision.determining_policies == tuple(sorted(row.by))
     assert set(decision.withheld_fields) == set(row.withheld)
+    present = set(row.resource.protected_fields) if isinstance(row.resource, ItemAttributes) else set()
+    assert set(decision.disclosed_fields) == (present - set(row.withheld) if row.allowed else set())
     assert decision.policy_version == engine.store.history()[0].content_hash
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from services.policy.pack import PolicyPack
 from services.policy.service import create_app
@@ -21,11 +22,11 @@ from services.shared.errors import ConfigurationError
 from services.shared.http import PROBLEM_JSON as PROBLEM
 from services.shared.kafka import make_producer
 from services.shared.keys import SigningKey
+from services.shared.settings import KafkaSettings
 
 pytestmark = pytest.mark.kafka
 
 Client = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
-V2_FROM = datetime(2025, 6, 1, tzinfo=UTC)
 ITEM = {"item_id": "item-1", "jurisdictions": ["DE"], "case_ids": ["CASE-SY-001"], "classification": "SECRET",
         "protected_fields": ["WITNESS_IDENTIFYING"]}  # fmt: skip
 
@@ -42,8 +43,16 @@ async def ready(client: TestClient[web.Request, web.Application], versions: int,
             await asyncio.sleep(0.05)
 
 
+@pytest.fixture
+def signed_v1(pack: PolicyPack, admin_key: SigningKey) -> SignedPolicyVersion:
+    """Effective from the current second: versions pushed to a real topic may not be back-dated."""
+    return sign(pack.version(author="policy-board", effective_from=datetime.now(UTC).replace(microsecond=0)), admin_key)
+
+
 def v2_of(pack: PolicyPack) -> PolicyVersion:
-    return pack.version(author="policy-board", effective_from=V2_FROM).model_copy(
+    """Effective tomorrow: after v1, and not before it is appended."""
+    tomorrow = datetime.now(UTC) + timedelta(days=1)
+    return pack.version(author="policy-board", effective_from=tomorrow).model_copy(
         update={"policy_text": pack.policy_text + '\n@id("extra")\nforbid(principal, action, resource) '
                 'when { principal.jurisdiction == "XX" };\n'})  # fmt: skip
 
@@ -66,12 +75,13 @@ async def test_decisions_and_history_over_http(
     aiohttp_client: Client, kafka: KafkaTarget, topic_name: str, admin_key: SigningKey,
     signed_v1: SignedPolicyVersion,
 ) -> None:  # fmt: skip
-    await publish_version(kafka.bootstrap, signed_v1, topic=topic_name)
+    await publish_version(kafka.bootstrap, signed_v1, topic=topic_name, kafka=KafkaSettings())
     client = await aiohttp_client(app_for(kafka, topic_name, admin_key))
     await ready(client, 1)
 
+    at = (signed_v1.version.effective_from + timedelta(hours=1)).isoformat()
     response = await client.post("/v1/decisions", json={"office": "DE-GBA-WCU", "action": "ReadItem", "item": ITEM,
-                                                        "at": "2026-01-01T00:00:00Z"})  # fmt: skip
+                                                        "at": at})  # fmt: skip
     assert response.status == 200
     decision = await response.json()
     assert decision["allowed"] is True
@@ -132,6 +142,10 @@ async def test_posted_versions_are_checked_before_publishing(
 ) -> None:  # fmt: skip
     client = await aiohttp_client(app_for(kafka, topic_name, admin_key))
     await ready(client, 0)
+    backdated = signed_v1.version.model_copy(update={"effective_from": datetime.now(UTC) - timedelta(minutes=5)})
+    response = await client.post("/v1/versions", data=sign(backdated, admin_key).to_record())
+    assert (response.status, response.content_type) == (422, PROBLEM)
+    assert "back-dated" in (await response.json())["detail"]
     assert (await client.post("/v1/versions", data=signed_v1.to_record())).status == 202
     await ready(client, 1)
 
@@ -142,7 +156,9 @@ async def test_posted_versions_are_checked_before_publishing(
 
     unsigned = SignedPolicyVersion(version=v2_of(pack))
     response = await client.post("/v1/versions", data=unsigned.to_record())
-    assert (response.status, (await response.json())["title"]) == (422, "Untrusted key")
+    problem = await response.json()
+    assert (response.status, problem["title"]) == (422, "Untrusted")  # which key and why: only in the log
+    assert "unsigned" not in problem["detail"]
 
     assert (await client.post("/v1/versions", data=sign(v2_of(pack), admin_key).to_record())).status == 202
     await ready(client, 2)
@@ -154,9 +170,9 @@ async def test_versions_survive_a_restart_with_identical_hashes(
     signed_v1: SignedPolicyVersion, pack: PolicyPack,
 ) -> None:  # fmt: skip
     v2 = sign(v2_of(pack), admin_key)
-    await publish_version(kafka.bootstrap, signed_v1, topic=topic_name)
+    await publish_version(kafka.bootstrap, signed_v1, topic=topic_name, kafka=KafkaSettings())
     await _produce(kafka.bootstrap, topic_name, b"\x00corrupt", SignedPolicyVersion(version=v2.version).to_record())
-    await publish_version(kafka.bootstrap, v2, topic=topic_name)
+    await publish_version(kafka.bootstrap, v2, topic=topic_name, kafka=KafkaSettings())
 
     seen = []
     for _ in range(2):  # the second app is a fresh service: it knows only what the topic holds
@@ -170,8 +186,25 @@ async def test_versions_survive_a_restart_with_identical_hashes(
 
 
 async def test_refuses_to_start_without_keys_or_kafka(kafka: KafkaTarget, topic_name: str) -> None:
-    await ensure_policy_topic(kafka.bootstrap, topic_name)
+    await ensure_policy_topic(kafka.bootstrap, topic_name, kafka=KafkaSettings())
     with pytest.raises(ConfigurationError, match="policy-admin"):
         create_app(PolicySettings(topic=topic_name, admin_keys=[]), bootstrap=kafka.bootstrap)
     with pytest.raises(ConfigurationError, match="bootstrap"):
         create_app(PolicySettings(kafka={"bootstrap": None}), keys=[SigningKey.generate().public])
+
+
+async def test_a_weaker_existing_policy_topic_is_reported_at_start_up(
+    aiohttp_client: Client, kafka: KafkaTarget, topic_name: str, admin_key: SigningKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:  # created by hand, the way an operator (or an older hub) might have
+        await admin.create_topics([NewTopic(topic_name, 1, 1, topic_configs={"retention.ms": "86400000"})])
+    finally:
+        await admin.close()
+    client = await aiohttp_client(app_for(kafka, topic_name, admin_key))
+    await ready(client, 0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"topic {topic_name}: retention.ms is 86400000, the hub needs -1" in w for w in warnings), warnings
+    assert any(f"topic {topic_name}: message.timestamp.type is CreateTime" in w for w in warnings), warnings

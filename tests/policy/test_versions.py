@@ -25,7 +25,7 @@ from services.shared.errors import (
     UntrustedKey,
 )  # fmt: skip
 from services.shared.keys import PublicKey, SigningKey, key_id_for
-from tests.policy.conftest import V1_FROM
+from tests.policy.conftest import APPENDED, V1_FROM
 
 IDENTITY_POINT = bytes([1]) + bytes(31)  # small order: with it, any signature "verifies"
 V2_FROM = datetime(2025, 6, 1, tzinfo=UTC)
@@ -87,9 +87,9 @@ def test_untrusted_versions_are_refused(
     make, error = case
     store = PolicyStore(trusted=trusted_keys([admin_key.public]))
     with pytest.raises(error):
-        store.accept(make(signed_v1, admin_key))
+        store.accept(make(signed_v1, admin_key), appended_at=APPENDED)
     assert store.history() == []
-    assert store.ingest(make(signed_v1, admin_key).to_record(), where="t@0") is None
+    assert store.ingest(make(signed_v1, admin_key).to_record(), where="t@0", appended_at=APPENDED) is None
     assert store.rejected[error.__name__] == 1
     assert PolicyEngine(store).decide("DE-GBA-WCU", "ReadItem", _item(), V2_FROM).allowed is False
 
@@ -145,22 +145,23 @@ def test_invalid_version_is_rejected_with_diagnostics_and_changes_nothing(
     before = store.in_force(V2_FROM + timedelta(days=1))
     bad = sign(_variant(pack, **changes), admin_key)
     with pytest.raises(PolicyError) as caught:
-        store.accept(bad)
+        store.accept(bad, appended_at=APPENDED)
     assert expected in str(caught.value.extensions["diagnostics"]), caught.value.extensions
     assert store.in_force(V2_FROM + timedelta(days=1)) is before
     assert len(store.history()) == 1
-    assert store.ingest(bad.to_record(), where="t@1") is None
+    assert store.ingest(bad.to_record(), where="t@1", appended_at=APPENDED) is None
     assert store.rejected["PolicyError"] == 1
 
 
-def test_backdated_version_is_refused(store: PolicyStore, admin_key: SigningKey, pack: PolicyPack) -> None:
+def test_a_version_not_after_the_newest_is_refused(store: PolicyStore, admin_key: SigningKey, pack: PolicyPack) -> None:
     with pytest.raises(PolicyError, match="not after"):
-        store.accept(sign(_variant(pack, effective_from=V1_FROM, author="someone else"), admin_key))
+        store.accept(sign(_variant(pack, effective_from=V1_FROM, author="someone else"), admin_key),
+                     appended_at=APPENDED)  # fmt: skip
     assert len(store.history()) == 1
 
 
 def test_reaccepting_a_known_version_is_a_no_op(store: PolicyStore, signed_v1: SignedPolicyVersion) -> None:
-    assert store.accept(signed_v1) is store.history()[0]
+    assert store.accept(signed_v1, appended_at=APPENDED) is store.history()[0]
     assert len(store.history()) == 1
 
 
@@ -172,7 +173,7 @@ def _protected_for_se(pack: PolicyPack) -> tuple[Office, ...]:
 def test_a_decision_at_a_past_time_uses_the_version_in_force_then(
     store: PolicyStore, admin_key: SigningKey, pack: PolicyPack, signed_v1: SignedPolicyVersion
 ) -> None:
-    v2 = store.accept(sign(_variant(pack, offices=_protected_for_se(pack)), admin_key))
+    v2 = store.accept(sign(_variant(pack, offices=_protected_for_se(pack)), admin_key), appended_at=APPENDED)
     engine = PolicyEngine(store)
     witness = _item().model_copy(update={"jurisdictions": ("SE",), "protected_fields": ("WITNESS_IDENTIFYING",)})
     before = engine.decide("SE-IPC", "ReadItem", witness, datetime(2025, 3, 1, tzinfo=UTC))
@@ -188,7 +189,7 @@ def test_a_decision_at_a_past_time_uses_the_version_in_force_then(
 @pytest.mark.parametrize("data", [b"", b"not json", b"[]", b'{"format":"evhub-policy-version/1"}',
                                   b"{" + b" " * (1 << 20) + b"}"], ids=["empty", "text", "list", "no body", "huge"])
 def test_corrupt_records_are_skipped_and_counted(store: PolicyStore, data: bytes) -> None:
-    assert store.ingest(data, where="hub.policy[0]@9") is None
+    assert store.ingest(data, where="hub.policy[0]@9", appended_at=APPENDED) is None
     assert store.rejected == {"DecodeError": 1}
     assert len(store.history()) == 1
 
@@ -209,7 +210,7 @@ def test_any_single_byte_change_is_refused(data: st.DataObject) -> None:
     byte = data.draw(st.integers(0, 255).filter(lambda b: b != record[index]))
     changed = record[:index] + bytes([byte]) + record[index + 1:]
     store = PolicyStore(trusted=trusted_keys([key.public]))
-    assert store.ingest(changed, where="fuzz") is None
+    assert store.ingest(changed, where="fuzz", appended_at=APPENDED) is None
     assert sum(store.rejected.values()) == 1
 
 

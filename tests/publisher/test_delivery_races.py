@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -69,7 +69,8 @@ async def test_envelopes_of_a_revoked_key_are_abandoned_and_do_not_starve_the_re
     assert all(isinstance(o, PartialDelivery) for o in outcomes), outcomes
     stack.registry.apply(issue(stack.codec, stack.anchor, public_key=stack.signer.public,
                                organisation=stack.publisher.organisation,
-                               not_before=datetime.now(UTC) - timedelta(days=1), revoked_at=datetime.now(UTC),
+                               not_before=stack.registry.entry(stack.signer.key_id).not_before,
+                               revoked_at=datetime.now(UTC),
                                last_valid_sequences={topic: 0}, last_valid_sequence=10**9, revision=2))  # fmt: skip
     await ensure_topics(stack.bootstrap, [TopicSpec(topic, 3)])
     assert await stack.publisher.deliver_pending(limit=2) == 0

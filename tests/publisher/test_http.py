@@ -209,3 +209,38 @@ async def test_an_announced_digest_that_does_not_match_keeps_nothing(api: Api, h
     assert status == 422
     assert body["type"].endswith(slug)
     assert _stored_files(api) == []
+
+
+def raw_form(meta: dict[str, Any], data: bytes, disposition: str) -> aiohttp.MultipartWriter:
+    """A form whose file part carries ``disposition`` exactly (as curl -F sends it; aiohttp's FormData would
+    percent-encode the name)."""
+    body = aiohttp.MultipartWriter("form-data")
+    body.append(json.dumps(meta), {"Content-Type": "application/json"}).set_content_disposition("form-data",
+                                                                                               name="metadata")
+    body.append(data, {"Content-Type": "application/octet-stream"}).headers["Content-Disposition"] = disposition
+    return body
+
+
+UNSAFE_NAMES = {
+    "metadata: path traversal": ({"file_name": "../../evidence/x.png"}, 'filename="frame.png"', "file_name"),
+    "metadata: right-to-left override": ({"file_name": "photo\u202egnp.exe"}, 'filename="frame.png"', "file_name"),
+    "metadata: NUL": ({"file_name": "photo\x00.png"}, 'filename="frame.png"', "file_name"),
+    "multipart: path traversal": ({}, 'filename="../../evidence/x.png"', "file.filename"),
+    "multipart: absolute path": ({}, 'filename="/etc/cron.d/x"', "file.filename"),
+    "multipart: right-to-left override": ({}, "filename*=UTF-8''photo%E2%80%AEgnp.exe", "file.filename"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "filename", "field"), UNSAFE_NAMES.values(), ids=UNSAFE_NAMES.keys())
+async def test_an_unsafe_file_name_is_a_422_naming_the_field_and_nothing_is_stored_or_signed(
+    api: Api, overrides: dict[str, Any], filename: str, field: str
+) -> None:
+    meta = metadata("SDG-NAME", api.stack.jurisdictions, **overrides)
+    data = raw_form(meta, png(), f'form-data; name="file"; {filename}')
+    async with api.session() as s, s.post(f"{api.url}/v1/evidence", data=data) as r:
+        body = await r.json(content_type=None)
+        assert (r.status, r.content_type) == (422, "application/problem+json")
+    assert [e["field"] for e in body["errors"]] == [field]
+    assert _stored_files(api) == []
+    for j in api.stack.jurisdictions:
+        assert await read_to_end(api.stack.bootstrap, api.stack.topic(j)) == []

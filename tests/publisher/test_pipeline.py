@@ -216,14 +216,13 @@ async def test_new_metadata_for_a_published_file_says_to_send_a_correction(stack
 
 async def test_publishing_with_a_revoked_or_expired_key_is_refused_and_writes_nothing(stack: Stack) -> None:
     now, org = datetime.now(UTC), stack.publisher.organisation
+    since = stack.registry.entry(stack.signer.key_id).not_before  # a newer revision keeps the key's start
     stack.registry.apply(issue(stack.codec, stack.anchor, public_key=stack.signer.public, organisation=org,
-                               not_before=now - timedelta(days=1), revoked_at=now, last_valid_sequence=0,
-                               revision=2))  # fmt: skip
+                               not_before=since, revoked_at=now, last_valid_sequence=0, revision=2))  # fmt: skip
     with pytest.raises(UntrustedKey, match="revoked"):
         await _publish(stack, "SDG-R", png())
     stack.registry.apply(issue(stack.codec, stack.anchor, public_key=stack.signer.public, organisation=org,
-                               not_before=now - timedelta(days=2), not_after=now - timedelta(days=1),
-                               revision=3))  # fmt: skip
+                               not_before=since, not_after=now - timedelta(hours=1), revision=3))  # fmt: skip
     with pytest.raises(UntrustedKey, match="expired"):
         await _publish(stack, "SDG-R", png())
     for j in stack.jurisdictions:

@@ -125,6 +125,24 @@ def signed_envelope(*, key_id: str) -> dict[str, Any]:
     }
 
 
+def audit_entry() -> dict[str, Any]:
+    """A release, with every optional part set."""
+    return {
+        "entry_id": "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9", "at": NOW, "gateway": "gw-1", "office": "DE-GBA-WCU",
+        "client_cert_sha256": "c0" * 32, "request_id": "req-1", "action": "ReadItem", "purpose": "prosecution",
+        "jurisdiction": "DE",
+        "item": {"topic": TOPIC_DE, "partition": 2, "offset": 41, "payload_type": "application/vnd.evidencehub."
+                 "evidence-event.v1+avro", "event_id": "ev-0001", "item_id": "item-7f3a", "version": 2,
+                 "key_id": "d1" * 32, "sequence": 7, "envelope_sha256": "e0" * 32, "content_sha256": "ab" * 32,
+                 "content_range": "0-1023"},
+        "attributes": {"jurisdictions": ["DE"], "case_ids": ["case-DE-2024-17"], "classification": "CONFIDENTIAL",
+                       "sensitivity": ["GRAPHIC"], "embargo_until": NOT_BEFORE, "consent_jurisdictions": ["DE"],
+                       "consent_purposes": [], "withdrawn": False, "protected_fields": ["LOCATION_EXACT"]},
+        "decision": "RELEASED", "deny_source": None, "disclosed_fields": ["LOCATION_EXACT"], "withheld_fields": [],
+        "policy_version": "3f" * 32, "determining_policies": ["item-jurisdiction-and-assigned-case"], "errors": [],
+    }  # fmt: skip
+
+
 def sample_record(schema: str) -> dict[str, Any]:
     """One complete record for each schema under ``schemas/``."""
     key_id = "d1" * 32
@@ -133,5 +151,7 @@ def sample_record(schema: str) -> dict[str, Any]:
         "evidence_withdrawal": evidence_withdrawal(key_id=key_id),
         "key_record": key_record(key_id=key_id, public_key=PUBLISHER_PUBLIC, anchor_key_id="a0" * 32),
         "signed_envelope": signed_envelope(key_id=key_id),
+        "audit_entry": audit_entry(),
+        "audit_batch": {"batch_id": "b-1", "gateway": "gw-1", "entries": [b"\xc3\x01" + bytes(8) + b"\x00"]},
     }
     return samples[schema]

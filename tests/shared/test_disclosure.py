@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from services.shared import disclosure
 from services.shared.avro import AvroCodec
 from services.shared.envelope import ENVELOPE_SCHEMA, open_envelope, seal, with_disclosures
-from services.shared.errors import DecodeError, InvalidSignature
+from services.shared.errors import DecodeError, InvalidSignature, PayloadTooLarge
 from services.shared.keys import SigningKey
 from services.shared.registry import KeyRegistry
-from tests.shared.records import TOPIC_DE, evidence_event
+from tests.shared.records import TOPIC_DE, evidence_event, evidence_withdrawal
 
 WITNESS: Final = disclosure.make("witness_name", "Ольга Шевченко", label="WITNESS_IDENTIFYING", salt=b"\x01" * 16)
 LOCATION: Final = disclosure.make("location_exact", "33.5138,36.2765", label="LOCATION_EXACT", salt=b"\x02" * 16)
@@ -93,12 +93,21 @@ def test_any_single_character_change_is_refused(index: int, char: str) -> None:
         disclosure.reveal([changed], SIGNED)
 
 
-def test_visible_drops_withheld_labels_and_unknown_digests() -> None:
+def test_visible_forwards_only_allowed_labels_and_drops_unknown_digests() -> None:
     offered = [WITNESS.encoded, "forged", OTHER_ITEM.encoded, LOCATION.encoded, "é", VICTIM.encoded]
-    assert disclosure.visible(offered, SIGNED, withheld={"WITNESS_IDENTIFYING", "VICTIM_IDENTIFYING"}) == [
-        LOCATION.encoded
-    ]
-    assert disclosure.visible(offered, SIGNED, withheld=()) == [WITNESS.encoded, LOCATION.encoded, VICTIM.encoded]
+    assert disclosure.visible(offered, SIGNED, allowed={"LOCATION_EXACT"}) == [LOCATION.encoded]
+    everything = {"WITNESS_IDENTIFYING", "VICTIM_IDENTIFYING", "LOCATION_EXACT"}
+    assert disclosure.visible(offered, SIGNED, allowed=everything) == [WITNESS.encoded, LOCATION.encoded,
+                                                                       VICTIM.encoded]  # fmt: skip
+    assert disclosure.visible(offered, SIGNED, allowed=()) == []
+
+
+def test_visible_withholds_a_label_nobody_allowed() -> None:
+    """The reproduction of issue 8: a value labelled UNKNOWN was forwarded because nobody withheld it."""
+    unknown = disclosure.make("source_name", "N. N.", label="UNKNOWN", salt=b"\x07" * 16)
+    signed = [*SIGNED, {"label": "UNKNOWN", "digest": unknown.digest}]
+    allowed = {"LOCATION_EXACT", "VICTIM_IDENTIFYING"}  # what an office without PROTECTION clearance is allowed
+    assert disclosure.visible([unknown.encoded, LOCATION.encoded], signed, allowed=allowed) == [LOCATION.encoded]
 
 
 def test_a_reader_given_some_disclosures_still_verifies_and_sees_only_those(
@@ -111,9 +120,7 @@ def test_a_reader_given_some_disclosures_still_verifies_and_sees_only_those(
     forwarded = with_disclosures(
         codec,
         sealed,
-        disclosure.visible(
-            [d.encoded for d in ALL], record["protected"], withheld={"WITNESS_IDENTIFYING", "VICTIM_IDENTIFYING"}
-        ),
+        disclosure.visible([d.encoded for d in ALL], record["protected"], allowed={"LOCATION_EXACT"}),
     )
     assert WITNESS.encoded.encode() not in forwarded
     assert VICTIM.encoded.encode() not in forwarded
@@ -124,14 +131,56 @@ def test_a_reader_given_some_disclosures_still_verifies_and_sees_only_those(
     assert {f: d.value for f, d in revealed.items()} == {"location_exact": "33.5138,36.2765"}
 
 
-def test_a_disclosure_slipped_into_a_forwarded_envelope_is_caught(
+def _sealed_with_all(codec: AvroCodec, publisher: SigningKey) -> bytes:
+    record = evidence_event(key_id=publisher.key_id, protected=SIGNED)
+    return seal(codec, schema="evidence_event", record=record, topic=TOPIC_DE, signer=publisher, sequence=1,
+                disclosures=[d.encoded for d in ALL])  # fmt: skip
+
+
+def test_a_disclosure_slipped_into_a_forwarded_envelope_is_refused_when_opened(
     codec: AvroCodec, registry: KeyRegistry, publisher: SigningKey
 ) -> None:
-    """Disclosures are unsigned in the envelope; a forged one verifies as an envelope but fails at reveal."""
+    """Disclosures are unsigned bytes of the envelope; open_envelope checks each against the signed digests."""
     record = evidence_event(key_id=publisher.key_id, protected=SIGNED)
     sealed = seal(codec, schema="evidence_event", record=record, topic=TOPIC_DE, signer=publisher, sequence=1)
     forged = disclosure.make("witness_name", "Framed person", label="WITNESS_IDENTIFYING", salt=b"\x06" * 16)
-    verified = open_envelope(codec, with_disclosures(codec, sealed, [forged.encoded]), topic=TOPIC_DE, keys=registry)
     with pytest.raises(InvalidSignature):
-        disclosure.reveal(verified.disclosures, verified.record["protected"])
+        open_envelope(codec, with_disclosures(codec, sealed, [forged.encoded]), topic=TOPIC_DE, keys=registry)
     assert codec.decode(sealed, expect=ENVELOPE_SCHEMA)["disclosures"] == []
+
+
+def test_a_byte_flipped_inside_a_disclosure_is_refused_when_opened(
+    codec: AvroCodec, registry: KeyRegistry, publisher: SigningKey
+) -> None:
+    """The issue 8 reproduction: only reveal() used to notice."""
+    sealed = _sealed_with_all(codec, publisher)
+    flipped = _changed_char(VICTIM.encoded, 20)
+    tampered = with_disclosures(codec, sealed, [WITNESS.encoded, flipped])
+    with pytest.raises(InvalidSignature):
+        open_envelope(codec, tampered, topic=TOPIC_DE, keys=registry)
+    assert open_envelope(codec, sealed, topic=TOPIC_DE, keys=registry).disclosures == tuple(d.encoded for d in ALL)
+
+
+def test_every_bit_of_every_disclosure_is_covered(
+    codec: AvroCodec, registry: KeyRegistry, publisher: SigningKey
+) -> None:
+    """Exhaustive: the lowest bit flipped at each byte of the envelope, disclosures included, is refused."""
+    sealed = _sealed_with_all(codec, publisher)
+    start = sealed.index(WITNESS.encoded.encode())
+    accepted = []
+    for position in range(start, len(sealed)):
+        changed = bytearray(sealed)
+        changed[position] ^= 0x01
+        try:
+            open_envelope(codec, bytes(changed), topic=TOPIC_DE, keys=registry)
+        except (DecodeError, InvalidSignature, PayloadTooLarge):
+            continue
+        accepted.append(position)
+    assert accepted == []
+
+
+def test_a_withdrawal_carries_no_disclosure(codec: AvroCodec, registry: KeyRegistry, publisher: SigningKey) -> None:
+    withdrawal = seal(codec, schema="evidence_withdrawal", record=evidence_withdrawal(key_id=publisher.key_id),
+                      topic=TOPIC_DE, signer=publisher, sequence=2)  # fmt: skip
+    with pytest.raises(InvalidSignature):
+        open_envelope(codec, with_disclosures(codec, withdrawal, [WITNESS.encoded]), topic=TOPIC_DE, keys=registry)

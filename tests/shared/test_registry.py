@@ -231,3 +231,37 @@ def test_a_record_written_with_the_first_released_schema_still_verifies(codec: A
     record["anchor_sig"] = anchor.sign(encode_v1(record))
     entry = KeyRegistry(codec, anchors=[anchor.public]).apply(encode_v1(record))
     assert (entry.key.key_id, entry.last_valid_sequences) == (_KEY.key_id, {})
+
+
+SUCCESSION_REFUSED: Final = {
+    "another organisation": ({"organisation": "Someone else"}, "organisation"),
+    "not_before moved later (a revocation dated now)": ({"not_before": NOW}, "not_before"),
+    "not_before moved earlier": ({"not_before": NOT_BEFORE - timedelta(days=365)}, "not_before"),
+}
+
+
+@pytest.mark.parametrize("case", SUCCESSION_REFUSED.values(), ids=SUCCESSION_REFUSED.keys())
+def test_an_anchor_signed_revision_may_not_rewrite_a_keys_past(
+    codec: AvroCodec, anchor: SigningKey, case: tuple[dict[str, Any], str]
+) -> None:
+    """Even signed by the anchor: the registry owns the rule, as tuf's trusted metadata set owns its ordering."""
+    changes, field = case
+    reg = KeyRegistry(codec, anchors=[anchor.public])
+    reg.apply(_signed(codec, anchor, _record(anchor, _KEY)))
+    signed_before = seal(codec, schema="evidence_event", record=evidence_event(key_id=_KEY.key_id, published_at=NOW),
+                         topic=TOPIC_DE, signer=_KEY, sequence=3)  # fmt: skip
+    forged = _record(anchor, _KEY, revision=2, revoked_at=NOW, last_valid_sequence=3, **changes)
+    with pytest.raises(UntrustedKey, match=field):
+        reg.apply(_signed(codec, anchor, forged))
+    assert (reg.rejected, reg.entry(_KEY.key_id).revision, reg.entry(_KEY.key_id).organisation) == (1, 1, ORG)
+    assert open_envelope(codec, signed_before, topic=TOPIC_DE, keys=reg).key_id == _KEY.key_id
+
+
+def test_a_revocation_that_keeps_the_keys_past_is_applied(codec: AvroCodec, anchor: SigningKey) -> None:
+    reg = KeyRegistry(codec, anchors=[anchor.public])
+    reg.apply(_signed(codec, anchor, _record(anchor, _KEY)))
+    signed_before = seal(codec, schema="evidence_event", record=evidence_event(key_id=_KEY.key_id, published_at=NOW),
+                         topic=TOPIC_DE, signer=_KEY, sequence=3)  # fmt: skip
+    reg.apply(_signed(codec, anchor, _record(anchor, _KEY, revision=2, revoked_at=NOW + timedelta(days=1),
+                                             last_valid_sequences={TOPIC_DE: 3}, last_valid_sequence=0)))  # fmt: skip
+    assert open_envelope(codec, signed_before, topic=TOPIC_DE, keys=reg).sequence == 3
