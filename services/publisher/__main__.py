@@ -9,9 +9,11 @@ Exit codes: 0 stopped by SIGTERM · 1 crashed · 2 bad input · 3 untrusted key 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 
+from services.publisher.outbox import FencedNoise
 from services.publisher.service import CRASHED, FATAL, STOP, create_app
 from services.publisher.settings import PublisherSettings
 from services.shared.errors import (
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO,
         format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
     )
+    logging.getLogger("asyncio").addFilter(FencedNoise())
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["recover"]:
         from services.publisher.recovery import main as recover
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     if app[FATAL]:
+        gc.collect()  # whatever the collector would log at exit, before the one line that says why
         print(f"publisher: {app[FATAL][0].detail}", file=sys.stderr)
         return exit_code(app[FATAL][0])
     return 1 if app[CRASHED] else 0

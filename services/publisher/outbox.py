@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -128,6 +129,7 @@ class TopicCourier:
         self.idle = asyncio.Event()  # no round in progress
         self.idle.set()
         self.rounds = 0
+        self.fenced = 0
         self.failed_rounds = 0
         self.records_sent = 0
 
@@ -226,8 +228,16 @@ class TopicCourier:
                 self.failed_rounds += 1
                 self._requeue(batch)
                 if type(exc).__name__ == "ProducerFenced":
+                    # Wait before taking the fence back, so that another publisher holding it can commit what it
+                    # has — then the reconcile finds it and one of the two stops — instead of two processes
+                    # fencing each other forever.
+                    self.fenced += 1
+                    pause = min(5.0, 0.5 * self.fenced) * (1 + random.random())  # noqa: S311 - jitter
                     log.warning("%s: the key's fence was taken (another publisher with this key, or the "
-                                "transaction timed out); taking it back and reconciling", self.topic)  # fmt: skip
+                                "transaction timed out); taking it back in %.1fs and reconciling",
+                                self.topic, pause)  # fmt: skip
+                    self.established = False
+                    await asyncio.sleep(pause)
                 else:
                     log.warning("%s: a round of %d envelopes failed (%r); reconciling before sending again",
                                 self.topic, len(batch), exc)  # fmt: skip
@@ -235,6 +245,7 @@ class TopicCourier:
                 await self._reacquire()
                 continue
             self.rounds += 1
+            self.fenced = 0
             self.records_sent += len(batch)
             for item, (partition, offset) in zip(batch, acks, strict=True):
                 key = (item.row.event_id, item.row.jurisdiction)
@@ -277,7 +288,11 @@ class TopicCourier:
         self.idle.clear()
         try:
             await producer.begin_transaction()
-            futures = [await producer.send(self.topic, i.row.envelope, key=i.row.kafka_key) for i in batch]
+            futures = []
+            for i in batch:
+                future = await producer.send(self.topic, i.row.envelope, key=i.row.kafka_key)
+                future.add_done_callback(_retrieved)  # a failed round's record errors are the round's error
+                futures.append(future)
             refused = [(i, why) for i in batch if (why := self.gate(i.row)) is not None]
             if refused:  # refused while the round was sending (e.g. a revocation arrived): commit none of it
                 await producer.abort_transaction()
@@ -346,6 +361,21 @@ class TopicCourier:
             await asyncio.wait(tasks, timeout=within_s + 1)
 
 
+class FencedNoise(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" for ProducerFenced: aiokafka's transaction manager
+    replaces its waiter future on a fatal error without anyone awaiting the old one. The courier has handled the
+    fencing (the round failed, the fence was taken back); the log line would only alarm."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("Future exception was never retrieved")
+                    and "ProducerFenced" in record.getMessage())  # fmt: skip
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def take_fence(key_id: str, topic: str, settings: OutboxSettings) -> AIOKafkaProducer:
     """A started transactional producer holding the key's fence on ``topic`` (older holders are refused from now on).
 
@@ -377,6 +407,10 @@ async def _dispose(producer: AIOKafkaProducer, *, fail: bool, within_s: float = 
             await producer.stop()
     except (TimeoutError, KafkaError, OSError) as exc:
         log.warning("a Kafka producer did not stop within %.0fs: %r", within_s, exc)
+    # A fenced producer leaves its failure on a transaction waiter nobody awaits; it was handled (the round failed).
+    waiter = getattr(getattr(producer, "_txn_manager", None), "_transaction_waiter", None)
+    if isinstance(waiter, asyncio.Future) and waiter.done() and not waiter.cancelled():
+        waiter.exception()
 
 
 class Outbox:
