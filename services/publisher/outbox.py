@@ -358,7 +358,7 @@ class TopicCourier:
         if producer is not None:
             tasks.add(asyncio.create_task(_dispose(producer, fail=False, within_s=within_s)))
         if tasks:
-            await asyncio.wait(tasks, timeout=within_s + 1)
+            await asyncio.wait(tasks, timeout=within_s)
 
 
 class FencedNoise(logging.Filter):
@@ -431,6 +431,7 @@ class Outbox:
         self._marks_due = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._kafka_answers = True
+        self._closing = asyncio.Event()
         self.marks_retried = 0
 
     async def start(self, *, timeout_s: float) -> None:
@@ -505,7 +506,7 @@ class Outbox:
                 waiting[i] = future
         fresh = {i for i, f in waiting.items() if not f.done()}
         if fresh:
-            await asyncio.wait([waiting[i] for i in fresh], timeout=self.settings.delivery_timeout_s)
+            await self._wait_acknowledged({waiting[i] for i in fresh})
         out = []
         for i, row in enumerate(rows):
             pending = waiting.get(i)
@@ -518,10 +519,33 @@ class Outbox:
                 out.append(Delivery(row.jurisdiction, row.topic, row.sequence, partition, offset,
                                     sent_now=i in fresh))  # fmt: skip
             else:
-                why = (f"{type(pending.exception()).__name__}" if pending.done()
-                       else f"not acknowledged within {self.settings.delivery_timeout_s:g}s")  # fmt: skip
+                if pending.done():
+                    why = type(pending.exception()).__name__
+                elif self._closing.is_set():
+                    why = "not acknowledged yet (the publisher is shutting down)"
+                else:
+                    why = f"not acknowledged within {self.settings.delivery_timeout_s:g}s"
                 out.append(Delivery(row.jurisdiction, row.topic, row.sequence, None, None, why))
         return out
+
+    async def _wait_acknowledged(self, futures: set[asyncio.Future[tuple[int, int]]]) -> None:
+        """Until every future is done, the delivery timeout passes, or the service begins to shut down."""
+        closing = asyncio.ensure_future(self._closing.wait())
+        pending: set[asyncio.Future[Any]] = set(futures)
+        try:
+            async with asyncio.timeout(self.settings.delivery_timeout_s):
+                while pending and not self._closing.is_set():
+                    _, pending = await asyncio.wait(pending | {closing}, return_when=asyncio.FIRST_COMPLETED)
+                    pending.discard(closing)
+        except TimeoutError:
+            pass
+        finally:
+            closing.cancel()
+
+    def begin_shutdown(self) -> None:
+        """Requests waiting for acknowledgements get their answer now (what is not acknowledged is reported as
+        such); rounds in flight go on until :meth:`stop`."""
+        self._closing.set()
 
     # -- delivery marks ----------------------------------------------------------------------------------
     def _acked(self, row: state.OutboxRow, partition: int, offset: int) -> None:
@@ -583,9 +607,14 @@ class Outbox:
         """Let rounds in progress finish for up to ``grace_s``, write the marks, stop every producer (bounded).
         Nothing is marked that Kafka did not acknowledge; what is unmarked is found by the next start's reconcile."""
         deadline = time.monotonic() + grace_s
+        closing = min(1.0, grace_s / 2)  # kept for stopping the producers at the end
+
+        def left(reserve: float = 0.0) -> float:
+            return max(0.1, deadline - reserve - time.monotonic())
+
         busy = [asyncio.create_task(c.idle.wait()) for c in self._couriers.values() if not c.idle.is_set()]
         if busy:
-            await asyncio.wait(busy, timeout=grace_s)
+            await asyncio.wait(busy, timeout=left(closing))
             for waiter in busy:
                 waiter.cancel()
         for task in self._tasks:
@@ -594,10 +623,10 @@ class Outbox:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self._unwritten:
-            with contextlib.suppress(StoreUnavailable):
-                await self._committer.run(_marks_unit(dict(self._unwritten)))
-        left = max(0.5, deadline - time.monotonic())
-        await asyncio.gather(*(c.close(left) for c in self._couriers.values()))
+            with contextlib.suppress(StoreUnavailable, TimeoutError):
+                async with asyncio.timeout(left(closing)):
+                    await self._committer.run(_marks_unit(dict(self._unwritten)))
+        await asyncio.gather(*(c.close(left()) for c in self._couriers.values()))
 
 
 def _marks_unit(marks: dict[Key, tuple[str, int, int, str]]) -> Callable[[sqlite3.Connection], None]:

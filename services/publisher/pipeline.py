@@ -55,6 +55,10 @@ class Deliverer(Protocol):
         """Never send an envelope for which ``gate`` gives a reason (checked just before sending)."""
         ...
 
+    def begin_shutdown(self) -> None:
+        """Waiting callers of :meth:`deliver` are answered now."""
+        ...
+
 
 class Clock(Protocol):
     def __call__(self) -> datetime: ...

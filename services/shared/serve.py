@@ -16,8 +16,9 @@ import contextlib
 import logging
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -88,3 +89,26 @@ async def serve(
             with contextlib.suppress(RuntimeError):
                 loop.remove_signal_handler(sig)
         await runner.cleanup()
+
+
+def run(main: Coroutine[Any, Any, None], *, linger_s: float = 1.0) -> None:
+    """``asyncio.run(main)``, except that tasks still running when ``main`` returns (a client library's background
+    work against a server that no longer answers) get ``linger_s`` after cancellation, not as long as they like:
+    a service told to stop exits within its grace period.
+
+    Raises: whatever ``main`` raises.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main)
+    finally:
+        try:
+            tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.wait(tasks, timeout=linger_s))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()

@@ -34,6 +34,7 @@ from services.cli.manifest import Entry
 from services.cli.publish import Journal, Outcome, publish_all
 from services.publisher.core import parse_metadata
 from services.shared.avro import AvroCodec
+from services.shared.errors import KafkaUnavailable
 from services.shared.kafka import KEYS_TOPIC, ensure_hub_topics, evidence_topic, hub_topics, make_producer, read_to_end
 from services.shared.keys import SigningKey
 from services.shared.local_kafka import die_with_parent, free_port
@@ -78,7 +79,16 @@ class Hub:
         work.mkdir(parents=True, exist_ok=True)
         (work / "anchor.pub.pem").write_bytes(hub.anchor.public.to_pem())
         (work / "signer.key").write_bytes(hub.signer.to_pem())
-        await ensure_hub_topics(bootstrap, hub_topics(hub.jurisdictions), kafka=KafkaSettings(bootstrap=bootstrap))
+        settings = KafkaSettings(bootstrap=bootstrap)
+
+        async def topics() -> bool:  # a broker restarted by a previous scenario may still be fenced for a moment
+            try:
+                await ensure_hub_topics(bootstrap, hub_topics(hub.jurisdictions), kafka=settings)
+            except KafkaUnavailable:
+                return False
+            return True
+
+        await until("the hub's topics created", 60, topics, every=1.0)
         record = issue(AvroCodec.load(), hub.anchor, public_key=hub.signer.public, organisation="fault suite",
                        not_before=datetime.now(UTC) - timedelta(days=1))  # fmt: skip
         producer = make_producer(bootstrap, client_id="fault-keys")
