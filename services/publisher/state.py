@@ -286,7 +286,7 @@ class GroupCommitter:
 
     def __init__(self, conn: sqlite3.Connection, *, timeout: float = 10.0) -> None:
         self._conn = conn
-        self._timeout = timeout
+        self.timeout = timeout
         self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._scheduled = False
         self._closed = False
@@ -303,7 +303,7 @@ class GroupCommitter:
         """
         future = self._enqueue(fn)
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self.timeout):
                 return await asyncio.shield(future)
         except TimeoutError:
             if future.cancel():  # not started: it never will be
