@@ -70,8 +70,16 @@ def test_importing_every_service_does_no_io_at_import_time() -> None:
         ("services.publisher", {"EVHUB_PUBLISHER_UNSAFE_PLAINTEXT": "true"}, "EVHUB_KAFKA_BOOTSTRAP is required"),
         ("services.policy", {}, "EVHUB_KAFKA_BOOTSTRAP is required"),
         ("services.policy", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "TLS is required"),
+        ("services.publisher", {"EVHUB_PUBLISHER_TLS_CERT": "c.pem", "EVHUB_PUBLISHER_TLS_KEY": "k.pem",
+                                "EVHUB_PUBLISHER_TLS_CA": ""}, "TLS_CA is missing or empty"),
+        ("services.publisher", {"EVHUB_PUBLISHER_TLS_CERT": "c.pem", "EVHUB_PUBLISHER_TLS_KEY": "k.pem",
+                                "EVHUB_PUBLISHER_TLS_CA": "nowhere.pem", "EVHUB_PUBLISHER_ALLOWED_CLIENTS": '["a"]'},
+         "cannot load the client CA nowhere.pem"),
+        ("services.publisher", {"EVHUB_PUBLISHER_UNSAFE_PLAINTEXT": "true", "EVHUB_PUBLISHER_HOST": "0.0.0.0"},
+         "allowed only on a loopback address"),
     ],
-    ids=["publisher-no-tls", "publisher-no-kafka", "policy-no-kafka", "policy-no-tls"],
+    ids=["publisher-no-tls", "publisher-no-kafka", "policy-no-kafka", "policy-no-tls", "publisher-empty-ca",
+         "publisher-unreadable-ca", "publisher-plaintext-not-loopback"],
 )
 def test_a_misconfigured_service_exits_non_zero_with_one_clear_line(
     tmp_path: Path, module: str, env: dict[str, str], message: str
