@@ -24,7 +24,8 @@ ENTRY_SCHEMA: Final = "audit_entry"
 BATCH_SCHEMA: Final = "audit_batch"
 #: Kafka's default max.message.bytes is ~1 MiB; a batch stays well under it.
 MAX_BATCH_BYTES: Final = 900 * 1024
-MAX_ENTRY_BYTES: Final = 64 * 1024
+#: An entry is one leaf, and C2SP entry bundles prefix each entry with a big-endian uint16 length: 65,535 at most.
+MAX_ENTRY_BYTES: Final = 0xFFFF
 MAX_ENTRIES: Final = 4096
 
 
@@ -78,13 +79,28 @@ def decode_batch(codec: AvroCodec, data: bytes) -> tuple[str, str, list[bytes]]:
         DecodeError: not an audit batch, empty, too many entries, or an entry that is not an audit entry.
         PayloadTooLarge: over ``MAX_BATCH_BYTES``.
     """
+    batch_id, gateway, decoded = decode_batch_entries(codec, data)
+    return batch_id, gateway, [raw for raw, _ in decoded]
+
+
+def decode_batch_entries(codec: AvroCodec, data: bytes) -> tuple[str, str, list[tuple[bytes, dict[str, Any]]]]:
+    """Like :func:`decode_batch`, with each entry's exact bytes paired with its decoded fields (decoded once: the
+    audit log indexes the fields and appends the bytes).
+
+    Raises:
+        DecodeError, PayloadTooLarge: as :func:`decode_batch`.
+    """
     raw = codec.decode(data, expect=BATCH_SCHEMA, max_bytes=MAX_BATCH_BYTES)
     entries: list[bytes] = raw["entries"]
     if not entries or len(entries) > MAX_ENTRIES:
         raise DecodeError(f"an audit batch holds 1 to {MAX_ENTRIES} entries, not {len(entries)}")
-    for entry in entries:
-        decode_entry(codec, entry)
-    return raw["batch_id"], raw["gateway"], entries
+    decoded = []
+    for i, entry in enumerate(entries):
+        try:
+            decoded.append((entry, decode_entry(codec, entry)))
+        except DecodeError as exc:  # say which entry spoiled the batch (dead letters carry this reason)
+            raise DecodeError(f"entry {i} of the batch: {exc.detail}") from exc
+    return raw["batch_id"], raw["gateway"], decoded
 
 
 def decode_entry(codec: AvroCodec, data: bytes) -> dict[str, Any]:

@@ -11,16 +11,21 @@
     │   ├── UploadInterrupted        the client's upload stopped before its end (400)
     │   │   └── UploadStalled        no bytes arrived for the idle timeout (408)
     │   ├── NotFound                 no such item / version (404)
-    │   └── Conflict                 an idempotency or append race (409)
+    │   ├── Conflict                 an idempotency or append race (409)
+    │   ├── InvalidCursor            a feed cursor that is malformed, forged or not this caller's (400)
+    │   └── RangeNotSatisfiable      a byte range outside the content (416)
     ├── TrustError                   a signature, key or envelope can't be trusted (one opaque message)
     │   ├── InvalidSignature         any way a signature can be wrong (422 at the edge)
     │   ├── UntrustedKey             unknown, expired, revoked or weak key
-    │   └── ReplayDetected           a sequence number reused by a different envelope
+    │   ├── ReplayDetected           a sequence number reused by a different envelope
+    │   └── InvalidProof             a Merkle proof, tile, entry or checkpoint does not match a signed tree
     ├── DecodeError                  untrusted bytes failed bounded decoding (Avro, cursor, …) (422)
     ├── PolicyError                  a policy version failed to parse, validate or verify (422)
     ├── InfrastructureError          a dependency failed                        → 503, retriable
     │   ├── KafkaUnavailable         the cluster did not accept or answer in time
     │   ├── StoreUnavailable         the content store or database failed
+    │   ├── AuditUnavailable         hub.audit did not acknowledge in time: nothing is released
+    │   ├── StaleView                a followed topic (keys, policy) is older than allowed
     │   ├── BrokerStartError         the embedded development broker could not start
     │   └── NotReady                 the service is up but cannot serve right now (Kafka not answering) (503)
     └── ConfigurationError           the service is misconfigured; it refuses to start (500)
@@ -113,6 +118,17 @@ class Conflict(InputError):
     type_slug = "conflict"
 
 
+class InvalidCursor(InputError):
+    title = "Invalid cursor"
+    type_slug = "invalid-cursor"
+
+
+class RangeNotSatisfiable(InputError):
+    http_status = 416
+    title = "Range not satisfiable"
+    type_slug = "range-not-satisfiable"
+
+
 class TrustError(EvidenceHubError):
     http_status = 422
     title = "Untrusted"
@@ -132,6 +148,17 @@ class UntrustedKey(TrustError):
 class ReplayDetected(TrustError):
     title = "Replayed event"
     type_slug = "replay"
+
+
+class InvalidProof(TrustError):
+    """The log does not prove what it claims. ``index`` (when known) names the first entry or tile index at fault."""
+
+    title = "Invalid proof"
+    type_slug = "invalid-proof"
+
+    def __init__(self, detail: str, *, index: int | None = None, **extensions: Any) -> None:
+        super().__init__(detail, **({"index": index} if index is not None else {}), **extensions)
+        self.index = index
 
 
 class DecodeError(EvidenceHubError):
@@ -161,6 +188,16 @@ class KafkaUnavailable(InfrastructureError):
 class StoreUnavailable(InfrastructureError):
     title = "Store unavailable"
     type_slug = "store-unavailable"
+
+
+class AuditUnavailable(KafkaUnavailable):
+    title = "Audit log unavailable"
+    type_slug = "audit-unavailable"
+
+
+class StaleView(InfrastructureError):
+    title = "Trust or policy view too old"
+    type_slug = "stale-view"
 
 
 class BrokerStartError(InfrastructureError):

@@ -16,11 +16,12 @@ from services.publisher.core import parse_metadata
 from services.publisher.pipeline import ContentInfo, PartialDelivery, PublishResult
 from services.shared import disclosure
 from services.shared.avro import SCHEMA_DIR
-from services.shared.envelope import SequenceTracker, open_envelope, pae
+from services.shared.envelope import open_envelope, pae
 from services.shared.errors import Conflict, NotFound, UntrustedKey, ValidationFailed
 from services.shared.kafka import TopicSpec, ensure_topics, read_to_end
 from services.shared.media import sniff
 from services.shared.registry import issue
+from services.shared.sequences import SequenceTracker
 from tests.publisher.samples import metadata, png
 from tests.publishing_stack import Stack, delete_topic
 
@@ -231,7 +232,6 @@ async def test_publishing_with_a_revoked_or_expired_key_is_refused_and_writes_no
 
 async def test_the_feed_check_counts_redeliveries_and_refusals_and_never_stops_on_a_junk_record(stack: Stack) -> None:
     from services.cli.demo import check_feed
-    from services.shared.envelope import SequenceTracker
     from services.shared.kafka import make_producer
 
     first = await _publish(stack, "SDG-FEED-1", png(seed=1))

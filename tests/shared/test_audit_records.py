@@ -30,6 +30,9 @@ def test_a_batch_returns_the_exact_entry_bytes_in_order(codec: AvroCodec) -> Non
     data = audit_records.encode_batch(codec, batch_id="b1", gateway="gw-1", entries=entries)
     assert audit_records.decode_batch(codec, data) == ("b1", "gw-1", entries)
     assert audit_records.decode_entry(codec, entries[3])["request_id"] == "r3"
+    _, _, decoded = audit_records.decode_batch_entries(codec, data)
+    assert [raw for raw, _ in decoded] == entries
+    assert [fields["request_id"] for _, fields in decoded] == [f"r{n}" for n in range(5)]
 
 
 def test_an_entry_that_is_not_an_audit_entry_spoils_the_batch(codec: AvroCodec) -> None:
@@ -58,3 +61,13 @@ def test_split_batches_keeps_order_and_every_batch_fits(codec: AvroCodec) -> Non
     assert len(batches) > 1
     for b in batches:
         audit_records.encode_batch(codec, batch_id="b", gateway="g", entries=b)
+
+
+def test_an_entry_fits_a_c2sp_entry_bundle(codec: AvroCodec) -> None:
+    # Bundles carry each leaf behind a uint16 length: an entry of 65,536 bytes could be logged but never served.
+    assert audit_records.MAX_ENTRY_BYTES == 65_535
+    with pytest.raises(PayloadTooLarge):
+        audit_records.decode_entry(codec, b"\xc3\x01" + bytes(65_534))
+    big = {**_entry(1), "request_id": "r" * 65_500}
+    with pytest.raises(ValueError, match="over 65535"):
+        audit_records.encode_entry(codec, big)
