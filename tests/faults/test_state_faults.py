@@ -134,9 +134,17 @@ async def test_damaged_state_is_refused_with_exit_5_and_one_line(
     entries = hub.items(tmp_path / "files", "dmg", 20)
     await publish_until_done(publisher.url, entries, tmp_path / "dmg.journal")
     assert await publisher.stop() == 0
-    row = Row("state file damaged (64 bytes flipped in the outbox's sequence index)", runs=1,
-              note="refused with exit 5 (`PRAGMA integrity_check`); moved aside and recovered")  # fmt: skip
+    row = Row("state file damaged: a waiting envelope's bytes; 64 bytes of the outbox's sequence index", runs=2,
+              note="refused with exit 5 (the envelope's signature; `PRAGMA integrity_check`); moved aside and "
+                   "recovered")  # fmt: skip
     state_file = data / "publisher.sqlite3"
+    intact = tmp_path / "intact.sqlite3"
+    shutil.copyfile(state_file, intact)
+    flip_envelope_byte(state_file)  # content damage no SQLite check can see
+    code, line = await PublisherProcess(hub, data, name="damaged-envelope").refused()
+    assert code == 5, line
+    assert "no longer verifies" in line, line
+    shutil.copyfile(intact, state_file)
     flip_index_bytes(state_file, "outbox_signed", 64)
     code, line = await PublisherProcess(hub, data, name="damaged").refused()
     assert code == 5, line
@@ -158,6 +166,22 @@ async def test_damaged_state_is_refused_with_exit_5_and_one_line(
     row.add_audit(hub, await audit(hub), [e.metadata.item_id for e in entries])
     report.append(row)
     row.assert_clean()
+
+
+def flip_envelope_byte(path: Path) -> None:
+    """One bit of a stored envelope flipped, and the row made to wait for delivery again (as after a lost mark)."""
+    import sqlite3
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        (rowid, envelope) = conn.execute("SELECT rowid, envelope FROM outbox LIMIT 1").fetchone()
+        damaged = bytearray(envelope)
+        damaged[len(damaged) // 3] ^= 0x04
+        conn.execute("UPDATE outbox SET envelope = ?, delivered_at = NULL, partition = NULL, offset = NULL "
+                     "WHERE rowid = ?", (bytes(damaged), rowid))  # fmt: skip
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
 
 
 def flip_index_bytes(path: Path, index: str, count: int) -> None:
