@@ -34,7 +34,8 @@ from services.policy.pack import load_pack
 from services.policy.version import sign, trusted_keys
 from services.publisher import state
 from services.publisher.core import EvidenceMetadata, parse_metadata
-from services.publisher.outbox import Outbox, OutboxSettings
+from services.publisher.courier import OutboxSettings
+from services.publisher.outbox import Outbox
 from services.publisher.pipeline import ContentInfo, EvidencePublisher
 from services.publisher.service import create_app
 from services.publisher.settings import PublisherSettings

@@ -13,7 +13,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.publisher import state
-from services.publisher.outbox import Outbox, OutboxSettings
+from services.publisher.courier import OutboxSettings
+from services.publisher.outbox import Outbox
 from services.publisher.pipeline import EvidencePublisher
 from services.shared.avro import AvroCodec
 from services.shared.cluster import KafkaTarget

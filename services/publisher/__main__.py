@@ -12,7 +12,7 @@ import gc
 import logging
 import sys
 
-from services.publisher.outbox import FencedNoise
+from services.publisher.courier import FencedNoise
 from services.publisher.service import CRASHED, FATAL, STOP, create_app
 from services.publisher.settings import PublisherSettings
 from services.shared.errors import (

@@ -34,9 +34,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.publisher import reconcile, state
+from services.publisher.courier import OutboxSettings, take_fence
 from services.publisher.datadir import DataDir
 from services.publisher.ledger import Found, claimed
-from services.publisher.outbox import OutboxSettings, take_fence
 from services.publisher.settings import PublisherSettings
 from services.shared.avro import AvroCodec
 from services.shared.envelope import MAX_ENVELOPE_BYTES, SCHEMA_FOR_TYPE

@@ -36,9 +36,10 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from services.publisher import core, state
+from services.publisher.courier import OutboxSettings
 from services.publisher.datadir import DataDir
 from services.publisher.ledger import intact
-from services.publisher.outbox import Outbox, OutboxSettings
+from services.publisher.outbox import Outbox
 from services.publisher.pipeline import ContentInfo, EvidencePublisher, PartialDelivery
 from services.publisher.settings import PublisherSettings
 from services.shared.avro import AvroCodec
