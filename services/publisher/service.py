@@ -11,19 +11,16 @@ A repeated request (same ``Idempotency-Key``) answers 200 with the original resu
 Corrections require an ``Idempotency-Key``. An optional ``Repr-Digest: sha-256=:…:`` (RFC 9530) makes the service
 refuse a file whose bytes are not the ones the client hashed.
 
-Owns: reading the upload as a stream and checking everything checkable before a byte is kept — its announced
-length, the client's number of uploads in progress, the metadata, and (with ``Repr-Digest``) whether publishing
-would refuse it; the file is hashed, checked against its declared media type and against what publishing would
-refuse, and only then committed to the store; a second ``file`` part is refused; body reads are bounded by an idle
-timeout; a request refused after its upload was kept removes it (unless something references it). Also: composing
-the service in :func:`create_app` (data-directory lock, state integrity, the key's fences and what it signed, from
-Kafka), and the outbox relay task. Publishing itself is ``pipeline.EvidencePublisher``; delivery ``outbox``.
+Owns: the routes and who may use them (mTLS client CNs, uploads in progress per client), removing what a request
+refused after its upload was kept uploaded (unless something references it), composing the service in
+:func:`create_app` (data-directory lock, state integrity, the key's fences and what it signed, from Kafka), the
+outbox relay task, readiness and the bounded shutdown. Reading an upload is ``uploads``; publishing
+``pipeline.EvidencePublisher``; delivery ``outbox``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
@@ -32,18 +29,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from aiohttp import BodyPartReader, MultipartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web
 
-from services.publisher import core, state
+from services.publisher import state
 from services.publisher.courier import OutboxSettings
 from services.publisher.datadir import DataDir
 from services.publisher.ledger import intact
 from services.publisher.outbox import Outbox
-from services.publisher.pipeline import ContentInfo, EvidencePublisher, PartialDelivery
+from services.publisher.pipeline import EvidencePublisher, PartialDelivery
 from services.publisher.settings import PublisherSettings
+from services.publisher.uploads import check_length, read_upload
 from services.shared.avro import AvroCodec
-from services.shared.content import ContentStore, LocalContentStore, Staged
+from services.shared.content import ContentStore, LocalContentStore
 from services.shared.errors import (
     ConfigurationError,
     EvidenceHubError,
@@ -51,18 +48,13 @@ from services.shared.errors import (
     InfrastructureError,
     KafkaUnavailable,
     NotReady,
-    PayloadTooLarge,
     StateRefused,
     TooManyRequests,
-    UploadInterrupted,
-    UploadStalled,
     ValidationFailed,
 )
-from services.shared.filenames import check_file_name
 from services.shared.http import peer_common_name, problem_middleware
 from services.shared.kafka import KEYS_TOPIC, ensure_hub_topics, evidence_topic, hub_topics, read_to_end
 from services.shared.keys import SigningKey
-from services.shared.media import sniff
 from services.shared.registry import KeyRegistry
 
 log = logging.getLogger(__name__)
@@ -81,8 +73,6 @@ STOP = web.AppKey("stop", asyncio.Event)
 OWN_REGISTRY = web.AppKey("own_registry", bool)  # built from settings (and so refreshed), not injected
 UPLOADS = web.AppKey("uploads", Counter[str])  # uploads in progress per client
 HELD = web.AppKey("held", Counter[str])  # content digests kept by requests still deciding
-CHUNK = 1 << 20
-MULTIPART_OVERHEAD = 1 << 20  # boundaries and part headers on top of the file and the metadata
 SWEEP_EVERY_S = 600.0
 SWEEP_OLDER_THAN_S = 3600.0
 
@@ -102,48 +92,6 @@ def _unsafe_anonymous(request: web.Request) -> str:
     return "anonymous (unsafe plaintext)"
 
 
-async def _within(idle_s: float, read: Awaitable[T]) -> T:
-    """One read from the client, bounded by the idle timeout; a client gone mid-body is the client's error.
-
-    Raises:
-        UploadStalled: nothing arrived for ``idle_s``. UploadInterrupted: the connection ended mid-body.
-        ValidationFailed: the multipart framing is broken.
-    """
-    try:
-        async with asyncio.timeout(idle_s):
-            return await read
-    except TimeoutError:
-        raise UploadStalled(f"no bytes arrived for {idle_s:g}s; the upload is abandoned") from None
-    except (HttpProcessingError, ConnectionError, asyncio.IncompleteReadError) as exc:
-        raise UploadInterrupted(f"the upload stopped before its end: {exc.__class__.__name__}") from exc
-    except ValueError as exc:  # aiohttp's multipart reader on a malformed part
-        raise ValidationFailed("malformed multipart body", errors=[{"field": "(body)", "message": str(exc)}]) from exc
-
-
-async def _next_part(reader: MultipartReader, idle_s: float) -> BodyPartReader | None:
-    part = await _within(idle_s, reader.next())
-    if part is not None and not isinstance(part, BodyPartReader):
-        raise ValidationFailed("nested multipart is not accepted", errors=[{"field": "(body)", "message": "nested"}])
-    return part
-
-
-async def _read_metadata(part: BodyPartReader, limit: int, idle_s: float) -> core.EvidenceMetadata:
-    data = bytearray()
-    while chunk := await _within(idle_s, part.read_chunk(64 << 10)):
-        data += chunk
-        if len(data) > limit:
-            raise PayloadTooLarge(f"metadata is larger than {limit} bytes")
-    return core.parse_metadata(bytes(data))
-
-
-def _check_length(request: web.Request, settings: PublisherSettings) -> None:
-    """Raises: PayloadTooLarge for an announced body larger than any acceptable upload (before reading it)."""
-    limit = settings.max_file_bytes + settings.max_metadata_bytes + MULTIPART_OVERHEAD
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"the request announces {request.content_length} bytes; an upload may carry at most "
-                              f"{settings.max_file_bytes} bytes of file", limit=settings.max_file_bytes)  # fmt: skip
-
-
 @contextlib.asynccontextmanager
 async def _upload_slot(app: web.Application, who: str) -> AsyncIterator[None]:
     """Raises: TooManyRequests when the client already has the maximum number of uploads in progress."""
@@ -159,78 +107,6 @@ async def _upload_slot(app: web.Application, who: str) -> AsyncIterator[None]:
             del uploads[who]
 
 
-async def _read_upload(
-    request: web.Request, *, idempotency_key: str | None, correction_of: str | None
-) -> tuple[core.EvidenceMetadata, ContentInfo, Staged]:
-    """Read, check and keep one upload. Everything publishing would refuse is refused before the file is kept.
-
-    Raises: ValidationFailed, PayloadTooLarge, UnsupportedMediaType, DigestMismatch, Conflict, NotFound,
-    UploadInterrupted/UploadStalled, UntrustedKey, StoreUnavailable.
-    """
-    settings, store, publisher = request.app[SETTINGS], request.app[STORE], request.app[PUBLISHER]
-    idle = settings.body_idle_timeout_s
-    if not request.content_type.startswith("multipart/"):
-        raise ValidationFailed("send multipart/form-data: a 'metadata' part (JSON), then a 'file' part",
-                               errors=[{"field": "(body)", "message": f"got {request.content_type}"}])  # fmt: skip
-    reader = await _within(idle, request.multipart())
-    part = await _next_part(reader, idle)
-    if part is None or part.name != "metadata":
-        raise ValidationFailed(
-            "the first part must be 'metadata'", errors=[{"field": "metadata", "message": "missing"}]
-        )
-    meta = await _read_metadata(part, settings.max_metadata_bytes, idle)
-    core.check_jurisdictions(meta, settings.jurisdictions)
-    announced = repr_digest_sha256(request.headers.get("Repr-Digest"))
-    if announced is not None:  # the digest is known before a byte of the file: refuse what would be refused now
-        await publisher.precheck(meta, announced, idempotency_key=idempotency_key, correction_of=correction_of)
-    part = await _next_part(reader, idle)
-    if part is None or part.name != "file":
-        raise ValidationFailed("the second part must be 'file'", errors=[{"field": "file", "message": "missing"}])
-    file_part = part
-    name = meta.file_name or (check_file_name(part.filename, field="file.filename") if part.filename else None)
-    detected: list[str] = []
-
-    async def chunks() -> AsyncIterator[bytes]:
-        while chunk := await _within(idle, file_part.read_chunk(CHUNK)):
-            yield chunk
-
-    def accept(head: bytes) -> None:
-        detected.append(core.check_media_type(meta, sniff(head)))
-
-    staged = await store.stage(chunks(), max_size=settings.max_file_bytes, accept=accept, expected_sha256=announced)
-    try:
-        if await _next_part(reader, idle) is not None:
-            raise ValidationFailed("one file per request", errors=[{"field": "file", "message": "a second part"}])
-        if announced is None:
-            await publisher.precheck(meta, staged.sha256, idempotency_key=idempotency_key,
-                                     correction_of=correction_of)  # fmt: skip
-        await store.commit(staged)
-    finally:
-        await store.discard(staged)
-    return meta, ContentInfo(sha256=staged.sha256, size=staged.content.size, media_type=detected[0],
-                             file_name=name or staged.sha256), staged  # fmt: skip
-
-
-def repr_digest_sha256(header: str | None) -> str | None:
-    """The SHA-256 (hex) of an RFC 9530 ``Repr-Digest: sha-256=:<base64>:`` header; None without one.
-
-    Raises:
-        ValidationFailed: the header is present but has no well-formed sha-256 member.
-    """
-    if header is None:
-        return None
-    for member in header.split(","):
-        name, _, value = member.strip().partition("=")
-        if name.strip().lower() == "sha-256" and value.startswith(":") and value.endswith(":"):
-            try:
-                raw = base64.b64decode(value[1:-1], validate=True)
-            except ValueError:
-                break
-            if len(raw) == 32:
-                return raw.hex()
-    raise ValidationFailed("Repr-Digest must carry sha-256=:<base64 of 32 bytes>: (RFC 9530)",
-                           errors=[{"field": "Repr-Digest", "message": "no valid sha-256 member"}])  # fmt: skip
-
 
 def _respond(result: Any) -> web.Response:
     response = web.json_response(result.to_json(), status=200 if result.replayed else 201)
@@ -242,10 +118,12 @@ def _respond(result: Any) -> web.Response:
 async def _publish_upload(request: web.Request, *, correction_of: str | None) -> web.Response:
     app = request.app
     who = app[AUTHENTICATE](request)
-    _check_length(request, app[SETTINGS])
+    check_length(request, app[SETTINGS])
     key = request.headers.get("Idempotency-Key")
     async with _upload_slot(app, who):
-        meta, content, staged = await _read_upload(request, idempotency_key=key, correction_of=correction_of)
+        meta, content, staged = await read_upload(request, settings=app[SETTINGS], store=app[STORE],
+                                                  publisher=app[PUBLISHER], idempotency_key=key,
+                                                  correction_of=correction_of)  # fmt: skip
         app[HELD][content.sha256] += 1
         try:
             publisher = app[PUBLISHER]
