@@ -32,14 +32,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from services.publisher import reconcile, state
 from services.publisher.ledger import TopicLedger
 from services.shared.avro import AvroCodec
 from services.shared.errors import EvidenceHubError, KafkaUnavailable, StateRefused, StoreUnavailable, UntrustedKey
-from services.shared.kafka import make_producer
+from services.shared.kafka import make_consumer, make_producer
 from services.shared.keys import PublicKey
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 ROUND_RECORDS: Final = 1000
 ROUND_BYTES: Final = 16 << 20
 RETRY: Final = (0.5, 1.0, 2.0, 5.0)
+#: How long a committed round may take to become readable before it is acknowledged anyway (normally milliseconds).
+VISIBLE_WITHIN_S: Final = 5.0
 
 Key = tuple[str, str]  # (event id, jurisdiction): one envelope
 
@@ -95,6 +97,7 @@ class TopicCourier:
         self._wake = asyncio.Event()
         self._poke = asyncio.Event()  # cuts a re-acquisition's back-off short: someone is waiting to deliver
         self._producer: AIOKafkaProducer | None = None
+        self._visibility: AIOKafkaConsumer | None = None  # asks for the last stable offset after a commit
         self._disposing: set[asyncio.Task[None]] = set()
         self.ledger: TopicLedger | None = None
         self.established = False
@@ -226,8 +229,10 @@ class TopicCourier:
                 self._in_round.pop(key, None)
                 self._acked[key] = (partition, offset)
                 self._on_acked(item.row, partition, offset)
+            await self._visible(acks)  # committed and marked whatever happens now; answered once readable
+            for item, ack in zip(batch, acks, strict=True):
                 if not item.future.done():
-                    item.future.set_result((partition, offset))
+                    item.future.set_result(ack)
             if self._queue:
                 self._wake.set()
 
@@ -276,6 +281,28 @@ class TopicCourier:
         finally:
             self.round_began = None
             self.idle.set()
+
+    async def _visible(self, acks: list[tuple[int, int]]) -> None:
+        """Wait (briefly, bounded) until read_committed readers can see the round: the broker answers a commit once
+        it is decided, and writes the markers that make the records readable just after. So an acknowledgement means
+        that a reader reading to the end finds the envelope. Past the bound the commit stands all the same."""
+        needed: dict[TopicPartition, int] = {}
+        for partition, offset in acks:
+            tp = TopicPartition(self.topic, partition)
+            needed[tp] = max(needed.get(tp, 0), offset + 1)
+        try:
+            if self._visibility is None:
+                self._visibility = make_consumer(self._settings.bootstrap, group_id=None,
+                                                 client_id=f"evhub-publisher-visible-{self.topic}")  # fmt: skip
+                await self._visibility.start()
+            async with asyncio.timeout(VISIBLE_WITHIN_S):
+                while True:
+                    ends = await self._visibility.end_offsets(list(needed))  # read_committed: the last stable offset
+                    if all(ends[tp] >= offset for tp, offset in needed.items()):
+                        return
+                    await asyncio.sleep(0.005)
+        except (TimeoutError, KafkaError, OSError) as exc:
+            log.warning("%s: a committed round is not visible to readers yet (%r)", self.topic, exc)
 
     def _retire(self) -> None:
         """Stop using the current producer; it is stopped in the background (that may wait for Kafka)."""
@@ -328,7 +355,10 @@ class TopicCourier:
 
     async def close(self, within_s: float) -> None:
         producer, self._producer = self._producer, None
+        visibility, self._visibility = self._visibility, None
         tasks = set(self._disposing)
+        if visibility is not None:
+            tasks.add(asyncio.create_task(_stop_consumer(visibility)))
         if producer is not None:
             tasks.add(asyncio.create_task(_dispose(producer, fail=False, within_s=within_s)))
         if tasks:
@@ -348,6 +378,11 @@ class FencedNoise(logging.Filter):
 def _retrieved(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    with contextlib.suppress(KafkaError, OSError):
+        await consumer.stop()
 
 
 async def take_fence(key_id: str, topic: str, settings: OutboxSettings) -> AIOKafkaProducer:
