@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         # what is still running at the end a tenth.
         grace = settings.shutdown_grace_s
         run(serve(app, host=settings.host, port=settings.port, ssl_context=ssl_context, shutdown_timeout=grace / 4,
-                  stop=app[STOP]), linger_s=grace / 10)  # fmt: skip
+                  stop=app[STOP], exit_within_s=grace + 2), linger_s=grace / 10)  # fmt: skip
     except EvidenceHubError as exc:
         print(f"publisher: {exc.detail}", file=sys.stderr)
         return exit_code(exc)

@@ -340,11 +340,13 @@ async def _own_resources(app: web.Application) -> AsyncIterator[None]:
 
 async def _begin_shutdown(app: web.Application) -> None:
     """SIGTERM: requests waiting for Kafka are answered at once (503 naming what is not acknowledged)."""
+    log.info("shutting down: waiting requests are answered now")
     if PUBLISHER in app:
         app[PUBLISHER].outbox.begin_shutdown()
 
 
 def _stop(app: web.Application, exc: EvidenceHubError) -> None:
+    log.critical("stopping the service: %s", exc.detail)
     app[FATAL].append(exc)
     app[STOP].set()
 
@@ -360,6 +362,7 @@ async def _relay_task(app: web.Application) -> AsyncIterator[None]:
 
     task.add_done_callback(crashed)
     yield
+    log.info("shutting down: the outbox relay stops")
     task.remove_done_callback(crashed)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

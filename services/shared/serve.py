@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
+import threading
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from typing import Any
@@ -65,18 +67,25 @@ class ProblemRunner(web.AppRunner):
 async def serve(
     app: web.Application, *, host: str, port: int, ssl_context: ssl.SSLContext | None, shutdown_timeout: float,
     started: Callable[[int], None] | None = None, stop: asyncio.Event | None = None,
+    exit_within_s: float | None = None,
 ) -> None:  # fmt: skip
     """Serve ``app`` until SIGTERM or SIGINT (or ``stop`` is set by the app itself), then shut down: in-flight
     requests get ``shutdown_timeout`` seconds, then the app's cleanup contexts run. ``started(port)`` is called
-    once listening.
+    once listening. ``exit_within_s``: from the stop, the process ends within that time even if some part of the
+    shutdown hangs (a watchdog thread exits it with code 1; whatever was durable stays durable).
 
     Raises: whatever the app's start-up (cleanup contexts) raises.
     """
     runner = ProblemRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stopping(why: str) -> None:
+        log.info("stopping (%s)", why)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping, sig.name)
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
@@ -84,11 +93,22 @@ async def serve(
         if started is not None:
             started(runner.addresses[0][1])
         await stop.wait()
+        if exit_within_s is not None:  # however the stop came (a signal, the app itself)
+            watchdog = threading.Timer(exit_within_s, _exit_now, (exit_within_s,))
+            watchdog.daemon = True
+            watchdog.start()
+        log.info("shutting down: closing connections (up to %.1fs), then the service's resources", shutdown_timeout)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(RuntimeError):
                 loop.remove_signal_handler(sig)
         await runner.cleanup()
+
+
+def _exit_now(after_s: float) -> None:  # pragma: no cover - runs only when a shutdown hangs
+    log.critical("the shutdown did not finish within %.1fs of the stop; exiting now", after_s)
+    logging.shutdown()
+    os._exit(1)
 
 
 def run(main: Coroutine[Any, Any, None], *, linger_s: float = 1.0) -> None:
