@@ -128,6 +128,15 @@ class Integrator:
         if full:
             await asyncio.to_thread(self._tiles.prune_partials, full)
 
+    async def attach_cosignatures(self, size: int, checkpoint: bytes) -> None:
+        """Serve ``checkpoint`` (the committed one of ``size``, now carrying witness cosignatures) if it is still
+        the latest; an older one is served only when asked for by size."""
+        view = self.view
+        if view.size != size:
+            return
+        self.view = LogView(view.size, view.root, checkpoint, view.signed_at, view.dead_letters, view.duplicates)
+        await self._publish_checkpoint()
+
     async def _publish_checkpoint(self) -> None:
         """Copy the committed checkpoint to the served file; on failure the next round tries again (the API
         serves the committed checkpoint from memory meanwhile)."""
