@@ -131,7 +131,7 @@ class Run:
         return json.loads(self.stdout)
 
 
-async def evhub(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> Run:
+async def evhub(*args: str, env: dict[str, str] | None = None, within: float = 180) -> Run:
     """``python -m services.cli ARGS`` as a real process; its exit code, stdout and stderr."""
     full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT), "HOME": str(ROOT),
                 **(env or {})}  # fmt: skip
@@ -140,7 +140,7 @@ async def evhub(*args: str, env: dict[str, str] | None = None, timeout: float = 
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             out, err = await proc.communicate()
     except TimeoutError:
         proc.kill()
