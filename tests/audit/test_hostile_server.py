@@ -95,7 +95,7 @@ async def setup(kafka: KafkaTarget, codec: AvroCodec, topic_name: str, tmp_path:
 async def _wait(real: support.Running, size: int) -> None:
     async def reached() -> bool:
         async with real.client("auditor") as http, http.get("/healthz") as r:
-            return (await r.json())["size"] >= size
+            return bool((await r.json())["size"] >= size)
 
     await support.wait_for(reached, what=f"size {size}")
 

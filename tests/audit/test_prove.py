@@ -42,7 +42,7 @@ async def log(kafka: KafkaTarget, codec: AvroCodec, topic_name: str, tmp_path: P
 
         async def ready() -> bool:
             async with running.client("auditor") as http, http.get("/healthz") as r:
-                return (await r.json())["size"] == len(entries)
+                return bool((await r.json())["size"] == len(entries))
 
         await support.wait_for(ready, what="40 entries")
         yield running, entries
@@ -85,6 +85,7 @@ async def test_an_office_proves_its_receipt_and_anyone_verifies_it_offline(
     wrong_key = await cli_support.evhub("audit", "verify-proof", str(out), "--log-key", foreign.vkey)
     assert wrong_key.code == 3, wrong_key.stderr
     proof = TlogProof.parse(out.read_bytes())
+    assert proof.extra is not None
     tampered = TlogProof(proof.index, proof.proof, proof.checkpoint, extra=proof.extra[:-1] + b"\x01")
     (tmp_path / "t").write_bytes(tampered.encode())
     changed = await cli_support.evhub("audit", "verify-proof", str(tmp_path / "t"), "--log-key", SIGNER.vkey)
