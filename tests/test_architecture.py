@@ -27,7 +27,14 @@ PURE = [
     "services/audit/verify.py",
     "services/audit/log.py",
     "services/shared/principals.py",
+    "services/shared/sequences.py",
+    "services/gateway/cursor.py",
+    "services/gateway/release.py",
+    "services/gateway/ranges.py",
+    "services/gateway/sse.py",
 ]
+#: The policy *library* the gateway embeds (never the policy service's HTTP shell or its Kafka publishing).
+POLICY_LIBRARY = {"model", "engine", "compiled", "version", "attributes", "state"}
 FORBIDDEN = {"asyncio", "aiohttp", "aiokafka", "os", "time", "socket", "subprocess", "sqlite3", "random", "secrets"}
 
 
@@ -63,11 +70,36 @@ def test_importing_every_service_does_no_io_at_import_time() -> None:
         "def refuse(*a, **k):\n    raise SystemExit('network I/O at import time')\n"
         "socket.socket.connect = socket.socket.bind = socket.socket.connect_ex = refuse\n"
         "import services.publisher.service, services.policy.service, services.cli.main, services.shared.cluster\n"
-        "import services.audit.service\n"
+        "import services.audit.service, services.gateway.service, services.gateway.__main__\n"
         "print('ok')\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
     assert run.stdout.strip() == "ok", run.stderr
+
+
+def _service_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("services."):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("services.")}
+    return found
+
+
+@pytest.mark.parametrize("service", ["publisher", "policy", "gateway", "audit"])
+def test_services_depend_on_shared_and_the_gateway_only_on_the_policy_library(service: str) -> None:
+    offenders = []
+    for path in (ROOT / "services" / service).rglob("*.py"):
+        for module in _service_imports(path):
+            parts = module.split(".")
+            allowed = parts[1] in {"shared", service} or (
+                service == "gateway" and parts[1] == "policy" and len(parts) > 2 and parts[2] in POLICY_LIBRARY
+            )
+            if not allowed:
+                offenders.append(f"{path.relative_to(ROOT)}: {module}")
+    assert offenders == []
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,11 @@ from services.shared.settings import KafkaSettings
 
 
 def register(sub: Any) -> None:
-    from services.cli import audit_cmd, demo, keys_cmd, policy, publish_cmd
+    from services.cli import audit_cmd, certs_cmd, demo, keys_cmd, policy, publish_cmd
 
     publish_cmd.register(sub)
     keys_cmd.register(sub)
+    certs_cmd.register(sub)
     policy.register(sub)
     audit_cmd.register(sub)
     kafka = sub.add_parser("kafka", help="run the embedded single-node Kafka broker until Ctrl-C")

@@ -35,11 +35,12 @@ from services.policy.topic import load_store, publish_version
 from services.policy.version import sign, trusted_keys
 from services.shared.avro import AvroCodec
 from services.shared.cluster import akafka_cluster
-from services.shared.envelope import SequenceTracker, open_envelope
+from services.shared.envelope import open_envelope
 from services.shared.kafka import KEYS_TOPIC, ensure_hub_topics, evidence_topic, hub_topics, make_producer, read_to_end
 from services.shared.keys import SigningKey
 from services.shared.local_kafka import free_port
 from services.shared.registry import KeyRegistry, issue
+from services.shared.sequences import SequenceTracker
 from services.shared.settings import KafkaSettings
 from services.shared.tls import client_context, create_dev_pki
 

@@ -1,7 +1,7 @@
 """The policy service's HTTP shell: decisions and version history over HTTP, versions from ``hub.policy``.
 
-Owns: the composition root (:func:`create_app`), the background task that replays and follows ``hub.policy``
-into a :class:`PolicyStore`, the routes, and turning errors into RFC 9457 problem+json.
+Owns: the composition root (:func:`create_app`), running the follower of ``hub.policy`` (``state.PolicyState``) as a
+background task, the routes, and turning errors into RFC 9457 problem+json.
 
 Routes:
     GET  /healthz                      200 once the topic has been replayed, 503 before or after a failure
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,38 +28,19 @@ from aiokafka.errors import KafkaError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
 from services.policy.compiled import CompiledPolicy
-from services.policy.engine import PolicyEngine, PolicyStore
+from services.policy.engine import PolicyStore
 from services.policy.model import FeedRef, ItemAttributes
 from services.policy.settings import PolicySettings
-from services.policy.topic import ensure_policy_topic, follow, start_reader
+from services.policy.state import PolicyState
+from services.policy.topic import ensure_policy_topic
 from services.policy.version import trusted_keys
-from services.shared.errors import (
-    ConfigurationError,
-    InfrastructureError,
-    KafkaUnavailable,
-    ValidationFailed,
-)  # fmt: skip
+from services.shared.errors import ConfigurationError, KafkaUnavailable, ValidationFailed
 from services.shared.http import problem_middleware
 from services.shared.kafka import make_producer
 from services.shared.keys import PublicKey
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
-
-
-@dataclass
-class PolicyState:
-    store: PolicyStore
-    engine: PolicyEngine
-    caught_up: asyncio.Event = field(default_factory=asyncio.Event)
-    failure: BaseException | None = None
-
-    def ready(self) -> None:
-        """Raises: InfrastructureError until the topic has been replayed, or after the follower failed."""
-        if self.failure is not None:
-            raise InfrastructureError("the policy follower failed; decisions are refused")
-        if not self.caught_up.is_set():
-            raise InfrastructureError("policy versions are still being loaded from Kafka")
 
 
 STATE = web.AppKey("policy_state", PolicyState)
@@ -174,15 +154,15 @@ def create_app(
     trusted = trusted_keys(tuple(keys) if keys is not None else tuple(settings.load_admin_keys()))
     app = web.Application(middlewares=[problem_middleware], client_max_size=settings.max_body_bytes)
     store = PolicyStore(trusted=trusted, max_clock_skew=settings.max_clock_skew)
-    app[STATE] = PolicyState(store=store, engine=PolicyEngine(store, cache_size=settings.cache_size))
+    app[STATE] = PolicyState.create(store, cache_size=settings.cache_size)
     app[SETTINGS] = settings
     app[CLOCK] = clock or (lambda: datetime.now(UTC))
 
     async def kafka(app: web.Application) -> AsyncIterator[None]:
         await ensure_policy_topic(bootstrap, settings.topic, kafka=settings.kafka)
-        consumer = await start_reader(bootstrap, settings.topic, client_id="evhub-policy-service")
-        producer = make_producer(bootstrap, client_id="evhub-policy-service")
         state = app[STATE]
+        follower = state.follow(bootstrap=bootstrap, topic=settings.topic, client_id="evhub-policy-service")
+        producer = make_producer(bootstrap, client_id="evhub-policy-service")
         task: asyncio.Task[None] | None = None
 
         def crashed(t: asyncio.Task[None]) -> None:
@@ -193,14 +173,13 @@ def create_app(
         try:
             await producer.start()
             app[PRODUCER] = producer
-            task = asyncio.create_task(follow(consumer, store, state.caught_up), name="policy-follower")
+            task = asyncio.create_task(follower.run(), name="policy-follower")
             task.add_done_callback(crashed)
             yield
         finally:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-            await consumer.stop()
             await producer.stop()
 
     app.cleanup_ctx.append(kafka)

@@ -6,7 +6,7 @@ Each signature covers ``PAE(payload_type, topic, key_id, sequence, payload)``::
 
 (DSSE's pre-authentication encoding with three more fields.) Binding the topic means an event copied into another
 jurisdiction's topic no longer verifies there; binding the sequence means a replayed or re-numbered event is
-detected by :class:`SequenceTracker`. Verification uses the topic the record was *read from*, never the topic
+detected by ``sequences.SequenceTracker``. Verification uses the topic the record was *read from*, never the topic
 field inside the envelope.
 
 Owns: sealing, opening (verify → payload bytes), payload type ↔ schema names. Does not own: which keys are
@@ -29,7 +29,7 @@ from typing import Any, Final, Protocol
 
 from services.shared.avro import AvroCodec
 from services.shared.disclosure import reveal
-from services.shared.errors import DecodeError, InvalidSignature, ReplayDetected, TrustError, UntrustedKey
+from services.shared.errors import DecodeError, InvalidSignature, TrustError, UntrustedKey
 from services.shared.keys import PublicKey, SigningKey
 
 log = logging.getLogger(__name__)
@@ -155,45 +155,3 @@ def open_envelope(codec: AvroCodec, data: bytes, *, topic: str, keys: KeyResolve
         reveal(disclosures, record.get("protected", ()))  # a withdrawal signs no digest: it may carry none
         return Verified(payload_type, schema, record, key_id, sequence, disclosures)
     raise problem
-
-
-class SequenceTracker:
-    """Per (key, topic): which sequence numbers were seen. Replays are refused; gaps are reported.
-
-    Records of one topic arrive interleaved across partitions, so a lower number after a higher one is normal;
-    seeing the same number twice is not (unless it is the very same envelope: an at-least-once redelivery).
-    """
-
-    def __init__(self) -> None:
-        self._seen: dict[tuple[str, str], dict[int, bytes]] = {}
-
-    def observe(self, key_id: str, topic: str, sequence: int, digest: bytes) -> bool:
-        """Record a verified envelope. Returns False for a redelivery of the same envelope.
-
-        Raises:
-            ReplayDetected: the sequence number was already used by a different envelope.
-        """
-        seen = self._seen.setdefault((key_id, topic), {})
-        previous = seen.get(sequence)
-        if previous is None:
-            seen[sequence] = digest
-            return True
-        if previous == digest:
-            return False
-        raise ReplayDetected(f"sequence {sequence} of key {key_id[:16]} on {topic} was already used")
-
-    def gaps(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
-        """Missing sequence numbers below the highest seen, per (key, topic), as inclusive ranges ``(first, last)``.
-
-        Linear in the numbers seen, not in their size: a (validly signed) sequence of 2**40 costs nothing extra.
-        """
-        out = {}
-        for k, seen in self._seen.items():
-            missing, expected = [], 1
-            for number in sorted(seen):
-                if number > expected:
-                    missing.append((expected, number - 1))
-                expected = number + 1
-            if missing:
-                out[k] = missing
-        return out

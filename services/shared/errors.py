@@ -9,7 +9,9 @@
     │   ├── DigestMismatch           bytes differ from the digest the sender announced (422)
     │   ├── UploadInterrupted        the client's upload stopped before its end (400)
     │   ├── NotFound                 no such item / version (404)
-    │   └── Conflict                 an idempotency or append race (409)
+    │   ├── Conflict                 an idempotency or append race (409)
+    │   ├── InvalidCursor            a feed cursor that is malformed, forged or not this caller's (400)
+    │   └── RangeNotSatisfiable      a byte range outside the content (416)
     ├── TrustError                   a signature, key or envelope can't be trusted (one opaque message)
     │   ├── InvalidSignature         any way a signature can be wrong (422 at the edge)
     │   ├── UntrustedKey             unknown, expired, revoked or weak key
@@ -20,6 +22,8 @@
     ├── InfrastructureError          a dependency failed                        → 503, retriable
     │   ├── KafkaUnavailable         the cluster did not accept or answer in time
     │   ├── StoreUnavailable         the content store or database failed
+    │   ├── AuditUnavailable         hub.audit did not acknowledge in time: nothing is released
+    │   ├── StaleView                a followed topic (keys, policy) is older than allowed
     │   └── BrokerStartError         the embedded development broker could not start
     └── ConfigurationError           the service is misconfigured; it refuses to start (500)
 
@@ -97,6 +101,17 @@ class Conflict(InputError):
     type_slug = "conflict"
 
 
+class InvalidCursor(InputError):
+    title = "Invalid cursor"
+    type_slug = "invalid-cursor"
+
+
+class RangeNotSatisfiable(InputError):
+    http_status = 416
+    title = "Range not satisfiable"
+    type_slug = "range-not-satisfiable"
+
+
 class TrustError(EvidenceHubError):
     http_status = 422
     title = "Untrusted"
@@ -156,6 +171,16 @@ class KafkaUnavailable(InfrastructureError):
 class StoreUnavailable(InfrastructureError):
     title = "Store unavailable"
     type_slug = "store-unavailable"
+
+
+class AuditUnavailable(KafkaUnavailable):
+    title = "Audit log unavailable"
+    type_slug = "audit-unavailable"
+
+
+class StaleView(InfrastructureError):
+    title = "Trust or policy view too old"
+    type_slug = "stale-view"
 
 
 class BrokerStartError(InfrastructureError):

@@ -11,19 +11,18 @@ Does not own: which cluster (``services.shared.cluster``), what is in the record
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
-from services.shared.errors import ConfigurationError, KafkaUnavailable
+from services.shared.errors import ConfigurationError, KafkaUnavailable, NotFound
 from services.shared.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -244,32 +243,20 @@ async def partitions_of(bootstrap: str, topic: str) -> list[int]:
 
 
 async def read_to_end(bootstrap: str, topic: str, *, timeout_s: float = 30.0) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of ``topic`` from the beginning up to the end offsets seen at the start of the call.
-
-    For small, forever-kept control topics (keys, policy) that a service replays on start-up. No consumer group:
-    nothing is committed.
+    """Every record of ``topic`` from the beginning up to the end offsets seen at the start of the call, ordered by
+    partition and offset. For small, forever-kept control topics; a replay by ``follower.TopicFollower``.
 
     Raises:
-        KafkaUnavailable: the cluster did not answer, or the topic could not be read to its end in time.
+        KafkaUnavailable: the cluster did not answer, the topic does not exist, or it could not be read to its end
+            in time.
     """
-    consumer = make_consumer(bootstrap, group_id=None, client_id=f"replay-{topic}")
+    from services.shared.follower import TopicFollower  # the follower builds on this module's factories
+
     records: list[ConsumerRecord[bytes, bytes]] = []
+    follower = TopicFollower(bootstrap=bootstrap, topic=topic, client_id=f"replay-{topic}", on_record=records.append)
     try:
-        partitions = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
-        await consumer.start()
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        end = await consumer.end_offsets(partitions)
-        async with asyncio.timeout(timeout_s):
-            while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
-                batch = await consumer.getmany(*partitions, timeout_ms=500)
-                for tp, recs in batch.items():
-                    records.extend(r for r in recs if r.offset < end[tp])
-    except TimeoutError as exc:
-        raise KafkaUnavailable(f"could not read {topic} to its end in {timeout_s:.0f}s") from exc
-    except KafkaError as exc:
-        raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer: {exc}") from exc
-    finally:
-        await consumer.stop()
+        await follower.replay(timeout_s=timeout_s)
+    except NotFound as exc:
+        raise KafkaUnavailable(exc.detail) from exc
     records.sort(key=lambda r: (r.partition, r.offset))
     return records

@@ -32,9 +32,11 @@ class CertFiles:
         return self.cert.with_suffix(".bundle.pem")
 
 
-def server_context(files: CertFiles, *, require_client_cert: bool = True) -> ssl.SSLContext:
+def server_context(
+    files: CertFiles, *, require_client_cert: bool = True, minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(files.ca))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.minimum_version = minimum_version
     ctx.load_cert_chain(str(files.cert), str(files.key))
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return ctx
@@ -57,55 +59,73 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.chmod(0o600)
 
 
-def create_dev_pki(
-    directory: Path, names: list[str], *, org: str = "Evidence Hub dev", days: int = 30
-) -> dict[str, CertFiles]:
-    """A CA plus one leaf per name (CN = name; SANs localhost and 127.0.0.1; server+client auth), in ``directory``.
-
-    Existing files are reused, so services and clients started later find the same CA.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
+def _load_or_create_ca(
+    directory: Path, org: str, days: int, now: dt.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     ca_cert_path, ca_key_path = directory / "ca.pem", directory / "ca.key"
-    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     if ca_cert_path.exists() and ca_key_path.exists():
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
         assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-        ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
-    else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_cert = (
-            x509.CertificateBuilder().subject_name(_name(f"{org} CA", org)).issuer_name(_name(f"{org} CA", org))
-            .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .sign(ca_key, hashes.SHA256())
-        )  # fmt: skip
-        _write_key(ca_key_path, ca_key)
-        ca_cert_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    out = {}
-    for name in names:
-        files = CertFiles(cert=directory / f"{name}.pem", key=directory / f"{name}.key", ca=ca_cert_path)
-        if not (files.cert.exists() and files.key.exists()):
-            key = ec.generate_private_key(ec.SECP256R1())
-            cert = (
-                x509.CertificateBuilder().subject_name(_name(name, org)).issuer_name(ca_cert.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                               critical=False)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .sign(ca_key, hashes.SHA256())
-            )  # fmt: skip
-            _write_key(files.key, key)
-            pem = cert.public_bytes(serialization.Encoding.PEM)
-            files.cert.write_bytes(pem + ca_cert.public_bytes(serialization.Encoding.PEM))
-            files.bundle.write_bytes(files.key.read_bytes() + pem + ca_cert.public_bytes(serialization.Encoding.PEM))
-            files.bundle.chmod(0o600)
-        out[name] = files
-    return out
+        return ca_key, x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(_name(f"{org} CA", org)).issuer_name(_name(f"{org} CA", org))
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    _write_key(ca_key_path, ca_key)
+    ca_cert_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    return ca_key, ca_cert
+
+
+def issue_leaf(
+    directory: Path, name: str, *, uris: tuple[str, ...] = (), org: str = "Evidence Hub dev", days: int = 30,
+    not_before: dt.datetime | None = None, replace: bool = False,
+) -> CertFiles:  # fmt: skip
+    """A leaf certificate ``<directory>/<name>.pem`` (+ ``.key``, ``.bundle.pem``) from the development CA in
+    ``directory`` (created if missing): CN = name; SANs localhost, 127.0.0.1 and ``uris`` (a hub principal such as
+    ``urn:evhub:office:DE-GBA-WCU``, see ``principals``); server and client auth. An existing leaf is kept unless
+    ``replace``. ``not_before`` (default: five minutes ago) lets tests mint certificates that already expired.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    ca_key, ca_cert = _load_or_create_ca(directory, org, days, now)
+    files = CertFiles(cert=directory / f"{name}.pem", key=directory / f"{name}.key", ca=directory / "ca.pem")
+    if files.cert.exists() and files.key.exists() and not replace:
+        return files
+    start = not_before or now
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    names += [x509.UniformResourceIdentifier(u) for u in uris]
+    cert = (
+        x509.CertificateBuilder().subject_name(_name(name, org)).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    files.key.unlink(missing_ok=True)
+    _write_key(files.key, key)
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    files.cert.write_bytes(pem + ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.bundle.write_bytes(files.key.read_bytes() + pem + ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.bundle.chmod(0o600)
+    return files
+
+
+def create_dev_pki(
+    directory: Path, names: list[str], *, org: str = "Evidence Hub dev", days: int = 30
+) -> dict[str, CertFiles]:
+    """A CA plus one leaf per name (see :func:`issue_leaf`), in ``directory``.
+
+    Existing files are reused, so services and clients started later find the same CA.
+    """
+    return {name: issue_leaf(directory, name, org=org, days=days) for name in names}

@@ -16,11 +16,12 @@ from services.publisher.core import parse_metadata
 from services.publisher.pipeline import ContentInfo, PartialDelivery, PublishResult
 from services.shared import disclosure
 from services.shared.avro import SCHEMA_DIR
-from services.shared.envelope import SequenceTracker, open_envelope, pae
+from services.shared.envelope import open_envelope, pae
 from services.shared.errors import Conflict, NotFound, UntrustedKey, ValidationFailed
 from services.shared.kafka import TopicSpec, ensure_topics, read_to_end
 from services.shared.media import sniff
 from services.shared.registry import issue
+from services.shared.sequences import SequenceTracker
 from tests.publisher.samples import metadata, png
 from tests.publishing_stack import Stack, delete_topic
 

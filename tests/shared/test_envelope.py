@@ -16,7 +16,6 @@ from services.shared.envelope import (
     ENVELOPE_SCHEMA,
     MAX_SIGNATURES,
     PAYLOAD_TYPES,
-    SequenceTracker,
     Verified,
     open_envelope,
     pae,
@@ -33,6 +32,7 @@ from services.shared.errors import (
 )
 from services.shared.keys import SigningKey
 from services.shared.registry import KeyRegistry, issue
+from services.shared.sequences import SequenceTracker
 from tests.shared.records import (
     ANCHOR_SEED,
     NOT_AFTER,
@@ -280,38 +280,6 @@ def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def test_redelivery_of_the_same_envelope_is_not_a_replay() -> None:
-    tracker = SequenceTracker()
-    assert tracker.observe("k", TOPIC_DE, 1, _digest(b"a")) is True
-    assert tracker.observe("k", TOPIC_DE, 1, _digest(b"a")) is False
-
-
-def test_a_different_envelope_with_a_used_sequence_is_a_replay() -> None:
-    tracker = SequenceTracker()
-    tracker.observe("k", TOPIC_DE, 1, _digest(b"a"))
-    with pytest.raises(ReplayDetected):
-        tracker.observe("k", TOPIC_DE, 1, _digest(b"b"))
-    assert issubclass(ReplayDetected, TrustError)
-
-
-def test_sequences_are_per_key_and_topic() -> None:
-    tracker = SequenceTracker()
-    assert tracker.observe("k", TOPIC_DE, 1, _digest(b"a"))
-    assert tracker.observe("k", TOPIC_FR, 1, _digest(b"b"))
-    assert tracker.observe("other", TOPIC_DE, 1, _digest(b"c"))
-
-
-def test_gaps_are_reported_and_out_of_order_arrival_is_normal() -> None:
-    tracker = SequenceTracker()
-    for sequence in (5, 1, 2):  # partitions interleave: a lower number after a higher one is not an error
-        tracker.observe("k", TOPIC_DE, sequence, _digest(bytes([sequence])))
-    tracker.observe("k", TOPIC_FR, 1, _digest(b"fr"))
-    assert tracker.gaps() == {("k", TOPIC_DE): [(3, 4)]}
-    tracker.observe("k", TOPIC_DE, 4, _digest(b"4"))
-    tracker.observe("k", TOPIC_DE, 3, _digest(b"3"))
-    assert tracker.gaps() == {}
-
-
 def test_replaying_a_verified_envelope_under_its_own_sequence_is_detected(
     codec: AvroCodec, registry: KeyRegistry, publisher: SigningKey
 ) -> None:
@@ -323,13 +291,6 @@ def test_replaying_a_verified_envelope_under_its_own_sequence_is_detected(
     verified = open_envelope(codec, second, topic=TOPIC_DE, keys=registry)  # the signature itself is fine
     with pytest.raises(ReplayDetected):
         tracker.observe(verified.key_id, TOPIC_DE, verified.sequence, _digest(second))
-
-
-def test_a_huge_sequence_number_costs_no_memory_in_gap_reports() -> None:
-    tracker = SequenceTracker()
-    tracker.observe("k", TOPIC_DE, 1, _digest(b"1"))
-    tracker.observe("k", TOPIC_DE, 2**40, _digest(b"huge"))
-    assert tracker.gaps() == {("k", TOPIC_DE): [(2, 2**40 - 1)]}
 
 
 @pytest.mark.parametrize(
