@@ -14,8 +14,8 @@ from services.audit.note import NoteSigner
 from services.audit.service import create_app as audit_app
 from services.audit.settings import AuditSettings
 from services.shared.audit_records import decode_batch
-from services.shared.keys import SigningKey
 from services.shared.kafka import read_to_end
+from services.shared.keys import SigningKey
 from services.shared.tls import client_context, issue_leaf, server_context
 from tests.audit import cli_support, support
 from tests.gateway.conftest import Hub
@@ -43,8 +43,9 @@ async def test_the_gateways_audit_records_replay_with_every_decision_reproduced(
     try:
         await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(server)).start()
         base = f"https://127.0.0.1:{runner.addresses[0][1]}"
-        running = support.Running(runner.app, base, support.Pki(server, {"auditor": client_context(hub.certs["auditor"])},
-                                                                {"auditor": hub.certs["auditor"]}))  # fmt: skip
+        auditor = hub.certs["auditor"]
+        running = support.Running(runner.app, base, support.Pki(server, {"auditor": client_context(auditor)},
+                                                                {"auditor": auditor}))  # fmt: skip
 
         async def integrated() -> bool:
             async with running.client("auditor") as http, http.get("/healthz") as r:
