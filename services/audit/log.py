@@ -129,12 +129,17 @@ def micros(value: Any) -> int:
 
 
 def index_fields(index: int, fields: Mapping[str, Any], offset: int) -> IndexedEntry:
+    return IndexedEntry(index, fields["entry_id"], *_columns(fields), offset)
+
+
+_Columns = tuple[str, str | None, str, int, str, str]
+
+
+def _columns(fields: Mapping[str, Any]) -> _Columns:
+    """What the index keeps of a decoded entry besides its id (office, item, decision, time, action, jurisdiction)."""
     item = fields.get("item")
-    return IndexedEntry(
-        index=index, entry_id=fields["entry_id"], office=fields["office"],
-        item_id=item["item_id"] if item else None, decision=str(fields["decision"]), at_us=micros(fields["at"]),
-        action=fields["action"], jurisdiction=fields["jurisdiction"], offset=offset,
-    )  # fmt: skip
+    return (fields["office"], item["item_id"] if item else None, str(fields["decision"]), micros(fields["at"]),
+            fields["action"], fields["jurisdiction"])  # fmt: skip
 
 
 class Sequencer:
@@ -169,7 +174,9 @@ class Sequencer:
         """
         start, next_offset = self._tree.size, self._next_offset
         dead: list[DeadLetter] = []
-        decoded: list[tuple[int, bytes, dict[str, Any]]] = []
+        # Only the indexed columns are kept of each decoded entry: the decoded records themselves are dropped at once
+        # (keeping an integration's worth of nested dicts alive costs more in garbage collection than decoding).
+        decoded: list[tuple[int, bytes, str, _Columns]] = []
         for record in records:
             if record.offset < next_offset:
                 continue
@@ -182,17 +189,17 @@ class Sequencer:
             except (DecodeError, PayloadTooLarge) as exc:
                 dead.append(DeadLetter(record.offset, record.value, exc.detail))
                 continue
-            decoded += [(record.offset, raw, fields) for raw, fields in entries]
-        seen = known(sorted({fields["entry_id"] for _, _, fields in decoded}))
+            decoded += [(record.offset, raw, fields["entry_id"], _columns(fields)) for raw, fields in entries]
+        seen = known(sorted({entry_id for _, _, entry_id, _ in decoded}))
         leaves: list[bytes] = []
         rows: list[IndexedEntry] = []
         duplicates = 0
-        for offset, raw, fields in decoded:
-            if fields["entry_id"] in seen:
+        for offset, raw, entry_id, columns in decoded:
+            if entry_id in seen:
                 duplicates += 1
                 continue
-            seen.add(fields["entry_id"])
-            rows.append(index_fields(start + len(leaves), fields, offset))
+            seen.add(entry_id)
+            rows.append(IndexedEntry(start + len(leaves), entry_id, *columns, offset))
             leaves.append(raw)
         tree = self._tree.copy()
         writes = tree.append(leaves)
