@@ -16,7 +16,7 @@ Pure: no I/O, no clock. Does not own reading entries or policies (the replay dri
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal
@@ -73,8 +73,13 @@ def _short(version: str | None) -> str:
     return "none" if version is None else version[:12]
 
 
-def resource_of(fields: Mapping[str, Any]) -> ItemAttributes | FeedRef:
-    """The resource the decision was about, rebuilt from the entry.
+#: Distinct resources remembered by :func:`resource_of` (a log reads few distinct items many times).
+MAX_CACHED: Final = 65_536
+
+
+def resource_of(fields: Mapping[str, Any], cache: dict[tuple[Any, ...], Any] | None = None) -> ItemAttributes | FeedRef:
+    """The resource the decision was about, rebuilt from the entry (validated once per distinct resource when a
+    ``cache`` is given: the model's validation is most of the cost).
 
     Raises:
         ValidationFailed: the entry's recorded attributes are not usable (say why).
@@ -85,20 +90,32 @@ def resource_of(fields: Mapping[str, Any]) -> ItemAttributes | FeedRef:
         item, attrs = fields.get("item"), fields.get("attributes")
         if item is None or attrs is None:
             raise ValidationFailed(f"a {fields['action']} decision without a recorded item and its attributes")
-        protected = list(attrs["protected_fields"])
+        protected = tuple(attrs["protected_fields"])
         # Labels no policy decides are recorded only among the withheld ones; they never change a decision.
-        undecidable = [w for w in fields.get("withheld_fields", []) if w not in protected and w not in PROTECTED_LABELS]
-        return ItemAttributes(
-            item_id=item["item_id"], jurisdictions=tuple(attrs["jurisdictions"]), case_ids=tuple(attrs["case_ids"]),
-            classification=attrs["classification"], sensitivity=tuple(attrs["sensitivity"]),
-            embargo_until=attrs.get("embargo_until"), consent_jurisdictions=tuple(attrs["consent_jurisdictions"]),
-            consent_purposes=tuple(attrs["consent_purposes"]), withdrawn=attrs["withdrawn"],
-            protected_fields=tuple(protected), undecidable_fields=tuple(undecidable),
-        )  # fmt: skip
+        undecidable = tuple(w for w in fields.get("withheld_fields", []) if w not in protected
+                            and w not in PROTECTED_LABELS)  # fmt: skip
+        values = (item["item_id"], tuple(attrs["jurisdictions"]), tuple(attrs["case_ids"]), attrs["classification"],
+                  tuple(attrs["sensitivity"]), attrs.get("embargo_until"), tuple(attrs["consent_jurisdictions"]),
+                  tuple(attrs["consent_purposes"]), attrs["withdrawn"], protected, undecidable)  # fmt: skip
+        found = None if cache is None else cache.get(values)
+        if isinstance(found, ItemAttributes):
+            return found
+        resource = ItemAttributes(**dict(zip(_ITEM_FIELDS, values, strict=True)))
+        if cache is not None:
+            if len(cache) >= MAX_CACHED:
+                cache.clear()
+            cache[values] = resource
+        return resource
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ValidationFailed(f"recorded attributes are not valid: {where}: {first['msg']}") from exc
+
+
+_ITEM_FIELDS: Final = (
+    "item_id", "jurisdictions", "case_ids", "classification", "sensitivity", "embargo_until", "consent_jurisdictions",
+    "consent_purposes", "withdrawn", "protected_fields", "undecidable_fields",
+)  # fmt: skip
 
 
 def _what(fields: Mapping[str, Any], resource: ItemAttributes | FeedRef) -> str:
@@ -111,8 +128,11 @@ def _why(decision: Decision) -> str:
     return "; ".join(decision.reasons[:2]) or ("allowed" if decision.allowed else "denied")
 
 
-def redecide(index: int, fields: Mapping[str, Any], engine: PolicyEngine) -> Replayed:
-    """Re-decide entry ``index`` (its decoded ``fields``) under the policy history ``engine`` holds."""
+def redecide(
+    index: int, fields: Mapping[str, Any], engine: PolicyEngine, cache: dict[tuple[Any, ...], Any] | None = None
+) -> Replayed:
+    """Re-decide entry ``index`` (its decoded ``fields``) under the policy history ``engine`` holds (``cache``: see
+    :func:`resource_of`; one per replay)."""
     at: datetime = fields["at"]
     named: str | None = fields.get("policy_version")
     recorded: str = str(fields["decision"])
@@ -126,50 +146,55 @@ def redecide(index: int, fields: Mapping[str, Any], engine: PolicyEngine) -> Rep
                         in_force, redecided, tuple(problems))  # fmt: skip
 
     try:
-        resource = resource_of(fields)
+        resource = resource_of(fields, cache)
     except ValidationFailed as exc:
         problems.append(Problem("attributes-invalid", f"entry {index} cannot be re-decided: {exc.detail}"))
         return done(None)
-    what = _what(fields, resource)
     args = (fields["office"], fields["action"], resource, at, fields.get("purpose"))
     under = named
-    started = "" if in_force is None else f" (in force from {engine.store.in_force_from(in_force).isoformat()})"
+
+    def what() -> str:  # described only when something is wrong
+        return _what(fields, resource)
+
+    def started() -> str:
+        return "" if in_force is None else f" (in force from {engine.store.in_force_from(in_force).isoformat()})"
+
     try:
         decision = engine.decide(*args) if named is None else engine.decide_under(named, *args)
         if named != in_force:
             problems.append(
                 Problem(
                     "policy-not-in-force",
-                    f"{what} was decided under policy version "
-                    f"{_short(named)}, but version {_short(in_force)} was in force then{started}",
+                    f"{what()} was decided under policy version "
+                    f"{_short(named)}, but version {_short(in_force)} was in force then{started()}",
                 )
             )
     except NotFound:
-        problems.append(Problem("unknown-policy-version", f"{what} names policy version {named}, which is not on "
+        problems.append(Problem("unknown-policy-version", f"{what()} names policy version {named}, which is not on "
                                 "hub.policy signed by a policy-admin key you trust; version "
-                                f"{_short(in_force)} was in force then{started}"))  # fmt: skip
+                                f"{_short(in_force)} was in force then{started()}"))  # fmt: skip
         decision, under = engine.decide(*args), in_force
     if recorded not in (RELEASED, REFUSED):
-        problems.append(Problem("decision-unknown", f"{what} records decision {recorded}, neither a release nor a "
+        problems.append(Problem("decision-unknown", f"{what()} records decision {recorded}, neither a release nor a "
                                 "refusal"))  # fmt: skip
     elif decision.allowed != (recorded == RELEASED):
         verb = "allows" if decision.allowed else "refuses"
-        problems.append(Problem("decision-differs", f"{what} was {recorded}, but policy version {_short(under)} "
+        problems.append(Problem("decision-differs", f"{what()} was {recorded}, but policy version {_short(under)} "
                                 f"{verb} it ({_why(decision)})"))  # fmt: skip
     else:
         _compare_details(fields, decision, resource, what, problems)
     if recorded == RELEASED and isinstance(resource, ItemAttributes):
         if resource.withdrawn:
-            problems.append(Problem("released-after-withdrawal", f"{what} was RELEASED although its recorded "
+            problems.append(Problem("released-after-withdrawal", f"{what()} was RELEASED although its recorded "
                                     "attributes say the item was withdrawn"))  # fmt: skip
         if resource.embargo_until is not None and at < resource.embargo_until:
-            problems.append(Problem("released-under-embargo", f"{what} was RELEASED while the item was embargoed "
+            problems.append(Problem("released-under-embargo", f"{what()} was RELEASED while the item was embargoed "
                                     f"until {resource.embargo_until.isoformat()}"))  # fmt: skip
     return done(RELEASED if decision.allowed else REFUSED)
 
 
 def _compare_details(
-    fields: Mapping[str, Any], decision: Decision, resource: ItemAttributes | FeedRef, what: str,
+    fields: Mapping[str, Any], decision: Decision, resource: ItemAttributes | FeedRef, what: Callable[[], str],
     problems: list[Problem],
 ) -> None:  # fmt: skip
     present: set[str] = set(resource.protected_fields) if isinstance(resource, ItemAttributes) else set()
@@ -182,5 +207,5 @@ def _compare_details(
     ]  # fmt: skip
     for kind, label, got, want in checks:
         if got != want:
-            problems.append(Problem(kind, f"{what}: recorded {label} {sorted(got) or '[]'}, the policy gives "
+            problems.append(Problem(kind, f"{what()}: recorded {label} {sorted(got) or '[]'}, the policy gives "
                                     f"{sorted(want) or '[]'}"))  # fmt: skip

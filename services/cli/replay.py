@@ -20,6 +20,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 from services.audit.checkpoint import Checkpoint, VerifiedCheckpoint, check_consistent, open_checkpoint
 from services.audit.integrity import CopyCheck, SubsetCheck, bundles, tiles_for_entries, upper_tiles
@@ -53,12 +54,12 @@ Progress = Callable[[int, int], None]
 RowSink = Callable[[Replayed], None]
 
 
-def _decide(index: int, data: bytes, opts: ReplayOptions) -> Replayed:
+def _decide(index: int, data: bytes, opts: ReplayOptions, cache: dict[tuple[Any, ...], Any]) -> Replayed:
     try:
         fields = audit_records.decode_entry(opts.codec, data)
     except (DecodeError, PayloadTooLarge) as exc:
         return undecodable(index, exc.detail)
-    return redecide(index, fields, opts.engine)
+    return redecide(index, fields, opts.engine, cache)
 
 
 async def replay(source: LogSource, opts: ReplayOptions, *, progress: Progress | None = None,
@@ -154,6 +155,7 @@ async def _fetch_all(source: LogSource, tiles: Sequence[Tile]) -> dict[Tile, byt
 async def _full(source: LogSource, opts: ReplayOptions, cp: Checkpoint, earlier: Checkpoint | None,
                 report: ReplayReport, progress: Progress | None, sink: RowSink) -> None:  # fmt: skip
     check = CopyCheck(cp, upper=await _fetch_all(source, upper_tiles(cp.size)), earlier=earlier)
+    cache: dict[tuple[Any, ...], Any] = {}
     todo = bundles(cp.size)
 
     def fetch(b: Tile) -> Awaitable[tuple[bytes, bytes]]:
@@ -168,7 +170,7 @@ async def _full(source: LogSource, opts: ReplayOptions, cp: Checkpoint, earlier:
             base = check.position
             entries = check.add(data, tile)
             for j, entry in enumerate(entries or ()):
-                replayed = _decide(base + j, entry, opts)
+                replayed = _decide(base + j, entry, opts, cache)
                 report.add(replayed)
                 sink(replayed)
             if progress is not None:
@@ -198,6 +200,7 @@ async def _subset(source: LogSource, opts: ReplayOptions, cp: Checkpoint, report
                   progress: Progress | None, sink: RowSink) -> None:  # fmt: skip
     tiles = await _fetch_all(source, [*upper_tiles(cp.size), *(t for t in tiles_for_size(cp.size) if t.level == 0)])
     check = SubsetCheck(cp, tiles)
+    cache: dict[tuple[Any, ...], Any] = {}
     root = check.root()
     if root is not None:
         report.add_findings([root])
@@ -218,7 +221,7 @@ async def _subset(source: LogSource, opts: ReplayOptions, cp: Checkpoint, report
             found = check.entry(index, data)
             if found is not None:
                 report.add_findings([found])
-            replayed = _decide(index, data, opts)
+            replayed = _decide(index, data, opts, cache)
             if replayed.office and not _matches(query, replayed):
                 report.discrepancy(Discrepancy(index, "answer-does-not-match", f"the audit service answered the "
                                                f"filter with entry {index}, which does not match it",
