@@ -19,6 +19,7 @@ Does not own: the harness (``bench.harness``) or what is measured (``services.au
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import signal
@@ -184,6 +185,7 @@ async def audit_integrate(ctx: Context) -> int:
     runner = web.AppRunner(app)
     with ctx.timed():
         await runner.setup()
+        gc.freeze()  # as python -m services.audit does once it has started
         try:
             integrator = app[api.INTEGRATOR]
             async with asyncio.timeout(300):
@@ -191,6 +193,7 @@ async def audit_integrate(ctx: Context) -> int:
                     await integrator.integrated.wait()
         finally:
             await runner.cleanup()
+            gc.unfreeze()
     shutil.rmtree(ctx.state["work"] / f"log-{ctx.state['round']}", ignore_errors=True)
     return ctx.events
 
