@@ -186,6 +186,13 @@ async def test_a_witness_refuses_to_cosign_a_forked_log(
         _, cosigned = await shown_to_others.checkpoint([w])
         assert cosigned == {}  # the forked log got no cosignature
     assert {p: p.read_bytes() for p in before} == before  # the witness still holds the history it cosigned
+    # the cosignature of one history is refused by a log (same key and origin) showing another at that size
+    [cosigned_note] = before.values()
+    async with _log(kafka, codec, f"{topic_name}.d", tmp_path / "d", pki, [w], policy, fork[:30]) as other:
+        status, body = await other.post("/v1/log/cosignature", cosigned_note)
+        assert status == 409, body
+        assert "another checkpoint of size 30" in body["detail"]
+        assert (await other.checkpoint([w]))[1] == {}
     # and a log that goes back to a smaller size is refused as well
     async with _log(kafka, codec, f"{topic_name}.c", tmp_path / "c", pki, [w], policy, history[:20]) as rolled_back:
         refused = await rolled_back.witness(w)
