@@ -157,4 +157,3 @@ def tls_args(url: str, files: CertFiles) -> list[str]:
 def replay_args(policy: Policy, signer: NoteSigner, state: Path, extra: Sequence[str] = ()) -> list[str]:
     return ["audit", "replay", "--log-key", signer.vkey, "--trust", str(policy.admin_pem), "--policy-topic",
             policy.topic, "--state-dir", str(state), *extra]  # fmt: skip
-
