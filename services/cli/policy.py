@@ -79,7 +79,6 @@ def register(sub: Any) -> None:
     kafka_args(show)
     show.set_defaults(handler=run_show)
 
-
     explain = verbs.add_parser("explain", help="decide one read and print the policies that determined it")
     kafka_args(explain)
     explain.add_argument("--office", required=True)
@@ -93,7 +92,7 @@ def register(sub: Any) -> None:
     explain.set_defaults(handler=run_explain)
 
 
-def _bootstrap() -> KafkaConnection:
+def bootstrap() -> KafkaConnection:
     """The cluster, with this shell's client certificate (``EVHUB_KAFKA_SSL_*``) on a locked-down one.
 
     Raises:
@@ -105,20 +104,25 @@ def _bootstrap() -> KafkaConnection:
     return settings.connection()
 
 
-def _empty_store(args: argparse.Namespace) -> PolicyStore:
-    """A store trusting exactly the policy-admin keys a policy service configured like this shell would trust.
+def trusted_store(trust: list[Path]) -> PolicyStore:
+    """An empty store trusting exactly the policy-admin keys a policy service configured like this shell would
+    trust: ``trust`` (``--trust``) and ``EVHUB_POLICY_ADMIN_KEYS``, with the same clock-skew allowance.
 
     Raises:
         ConfigurationError: no key named (``--trust`` or ``EVHUB_POLICY_ADMIN_KEYS``), or one unusable.
     """
     settings = PolicySettings()
-    paths: list[Path] = [*args.trust, *settings.admin_keys]
+    paths: list[Path] = [*trust, *settings.admin_keys]
     keys = read_public_keys(paths, what="trusted policy-admin key", env="--trust or EVHUB_POLICY_ADMIN_KEYS")
     return PolicyStore(trusted=trusted_keys(keys), max_clock_skew=settings.max_clock_skew)
 
 
+def _empty_store(args: argparse.Namespace) -> PolicyStore:
+    return trusted_store(args.trust)
+
+
 async def _store(args: argparse.Namespace) -> PolicyStore:
-    return await load_store(_bootstrap(), _empty_store(args), topic=args.topic)
+    return await load_store(bootstrap(), _empty_store(args), topic=args.topic)
 
 
 def _check(args: argparse.Namespace, *, consequence: str) -> PolicyPack:
@@ -159,7 +163,7 @@ async def run_push(args: argparse.Namespace) -> int:
     # The service's own check of the exact bytes about to be published: trusted admin keys, Cedar, ordering, and
     # not back-dated (the record is appended now). Nothing is published if it fails.
     store.check_record(signed.to_record(), appended_at=datetime.now(UTC))
-    where = await publish_version(_bootstrap(), signed, topic=args.topic, kafka=KafkaSettings())
+    where = await publish_version(bootstrap(), signed, topic=args.topic, kafka=KafkaSettings())
     accepted = (await _store(args)).history()  # what every reader now holds, with the broker's timestamp
     if signed.content_hash not in {v.content_hash for v in accepted}:
         raise PolicyError(f"{signed.content_hash} was published ({where}) but readers refuse it; see evhub policy"

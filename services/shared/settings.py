@@ -88,10 +88,21 @@ class ServerTLS(BaseModel):
     tls_ca: Path | None = None
     unsafe_plaintext: bool = Field(default=False, description="serve HTTP without TLS; local experiments only")
 
+    @field_validator("tls_cert", "tls_key", "tls_ca", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``VAR=`` (empty) means not set, never the current directory."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     def tls_files(self) -> CertFiles | None:
-        """Raises: ConfigurationError without all three TLS files, unless ``unsafe_plaintext``."""
+        """Raises: ConfigurationError without all three TLS files (naming the missing ones), unless
+        ``unsafe_plaintext`` and none is set."""
+        given = {"TLS_CERT": self.tls_cert, "TLS_KEY": self.tls_key, "TLS_CA": self.tls_ca}
         if self.tls_cert and self.tls_key and self.tls_ca:
             return CertFiles(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca)
+        if any(given.values()):
+            missing = ", ".join(name for name, path in given.items() if not path)
+            raise ConfigurationError(f"TLS is incomplete: the service's {missing} is missing or empty")
         if self.unsafe_plaintext:
             return None
         raise ConfigurationError("TLS is required: set the service's TLS_CERT, TLS_KEY and TLS_CA")
