@@ -182,6 +182,10 @@ class LocalCluster:
     certs: dict[str, CertFiles] = field(default_factory=dict, init=False)
     startup_seconds: float = field(default=0.0, init=False)
     _lock: int | None = field(default=None, init=False, repr=False)
+    #: The one thread every JVM is spawned from, alive until :meth:`stop`: a node's parent-death signal follows the
+    #: thread that spawned it, so a node restarted from a short-lived thread (``asyncio.to_thread`` of a test's
+    #: event loop) would be SIGTERMed when that thread ends.
+    _spawner: concurrent.futures.ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def throwaway(cls, libs: Path, *, root: Path | None = None, secure: bool = False, combined: bool = False,
@@ -286,8 +290,8 @@ class LocalCluster:
                 )  # fmt: skip
             with concurrent.futures.ThreadPoolExecutor(max_workers=len(self.nodes)) as pool:
                 list(pool.map(LocalKafka.format_storage, self.nodes.values()))
-            for node in self.nodes.values():  # from this thread: the JVMs' parent-death signal follows it
-                node.launch()
+            for node in self.nodes.values():
+                self._launch(node)
             self._wait(list(self.nodes.values()), began + self.start_timeout)
         except BaseException:
             self.stop()
@@ -295,6 +299,11 @@ class LocalCluster:
         self.startup_seconds = time.monotonic() - began
         log.info("Kafka cluster started at %s in %.1fs", self.bootstrap, self.startup_seconds)
         return self.bootstrap
+
+    def _launch(self, node: LocalKafka) -> None:
+        if self._spawner is None:
+            self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-spawner")
+        self._spawner.submit(node.launch).result()
 
     def _wait(self, nodes: list[LocalKafka], deadline: float) -> None:
         pending = list(nodes)
@@ -310,6 +319,9 @@ class LocalCluster:
             for node_id in [*self.broker_ids, *self.controller_ids]:
                 self.nodes[node_id].stop()
         finally:
+            if self._spawner is not None:
+                self._spawner.shutdown()
+                self._spawner = None
             if self._lock is not None:
                 os.close(self._lock)
                 self._lock = None
@@ -346,7 +358,14 @@ class LocalCluster:
         """
         node = self.nodes[node_id]
         node.stop()  # a clean stop if it is still running; nothing if it was killed
-        node.start()
+        began = time.monotonic()
+        try:
+            node.format_storage()  # writes its configuration; its data is formatted already
+            self._launch(node)  # from the cluster's own thread, whichever thread asks
+            self._wait([node], began + self.start_timeout)
+        except BaseException:
+            node.stop()
+            raise
 
     def running(self) -> list[int]:
         return [i for i, n in sorted(self.nodes.items()) if n.pid is not None]

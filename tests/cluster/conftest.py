@@ -67,9 +67,8 @@ async def healthy(cluster: LocalCluster) -> LocalCluster:
     """The cluster with every node running and every partition fully in sync (a fault test may have left a node
     killed or frozen)."""
     for node_id in cluster.nodes:
-        node = cluster.node(node_id)
-        if node.pid is None:
-            await asyncio.to_thread(node.start)
+        if cluster.node(node_id).pid is None:
+            await asyncio.to_thread(cluster.restart, node_id)  # spawned from the cluster's own long-lived thread
         else:
             cluster.thaw(node_id)
     await in_sync(cluster)

@@ -384,4 +384,3 @@ def replicas_holding(logs: dict[int, dict[tuple[int, int], bytes]], item: Acked,
         if t == topic:
             held[offset] = sum(item.event_id.encode() in log.get((partition, offset), b"") for log in logs.values())
     return held
-

@@ -26,6 +26,7 @@ from aiokafka.errors import KafkaError
 from services.shared.local_cluster import LocalCluster
 from tests.cluster.harness import (
     Acked,
+    Bounded,
     ClusterHub,
     Row,
     Streamer,
@@ -92,6 +93,7 @@ async def test_partition_leaders_killed_while_publishing_every_ack_is_on_two_rep
 
             await until("the controller fences both frozen followers", 90, alone, every=1.0)
             acked, refused = len(streamer.acked), len(streamer.unavailable)
+
             # A write the leader alone took would be acknowledged now; the hub refuses it (503).
             def answered(a: int = acked, r: int = refused) -> bool:
                 return len(streamer.unavailable) > r or len(streamer.acked) > a + 2
@@ -136,14 +138,20 @@ async def test_two_of_three_brokers_killed_publishing_stops_with_a_clear_503_and
             cluster.kill(broker)
         row.faults += len(killed)
 
+        seen: dict[int, dict[str, object]] = {}
+
         async def shrunk() -> bool:  # the controller fenced both and dropped them from every in-sync set
             try:
-                parts = await partitions(cluster, topic, via=survivor)
+                seen.update(await partitions(cluster, topic, via=survivor))
             except KafkaError:
                 return False
-            return all(p["isr"] == [survivor] for p in parts.values())
+            return all(p["isr"] == [survivor] and p["leader"] == survivor for p in seen.values())
 
-        await until("the controller drops the dead brokers from the in-sync replicas", 60, shrunk, every=1.0)
+        try:  # the survivor must also lead every partition, or even reading the topic has nowhere to go
+            await until("the controller drops the dead brokers from the in-sync replicas", 60, shrunk, every=1.0)
+        except Bounded as exc:
+            state = [(p["leader"], p["isr"]) for p in seen.values()]
+            raise Bounded(f"{exc}; (leader, isr) per partition: {state}") from None
         held = len(await read_topic(cluster, topic))
         during = []
         for i in range(runs(3)):
@@ -195,7 +203,7 @@ async def test_a_rolling_restart_of_every_broker_and_controller_under_load_loses
                 await asyncio.to_thread(cluster.node(node).stop)  # a clean shutdown hands its leaderships over first
                 row.faults += 1
                 await streamer.wait_acked(5, within_s=120)  # publishing goes on without it
-                await asyncio.to_thread(cluster.node(node).start)
+                await asyncio.to_thread(cluster.restart, node)
                 await in_sync(cluster)
         await streamer.wait_acked(10, within_s=120)
     found = await count(hub, streamer.acked)
