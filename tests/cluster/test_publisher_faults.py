@@ -9,7 +9,9 @@ something else.
 "Acknowledged only once on two replicas" is shown on the brokers' own disks: both followers of a partition are
 frozen until the controller drops them from the in-sync replicas, so only the leader could still take a write, and
 then the leader is killed; at that instant every acknowledged event must be in at least two brokers' log segments.
-A producer with acks=1, or a topic with ``min.insync.replicas`` 1, fails this (both mutations were tried).
+With the topic's ``min.insync.replicas`` and ``transaction.state.log.min.isr`` both lowered to 1 this fails (tried).
+Lowering only the topic's is not enough (tried): the publisher acknowledges once its transaction commits, and the
+commit needs the transaction log's in-sync replicas too.
 """
 
 from __future__ import annotations
