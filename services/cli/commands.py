@@ -12,12 +12,13 @@ from services.shared.settings import KafkaSettings
 
 
 def register(sub: Any) -> None:
-    from services.cli import certs_cmd, demo, keys_cmd, policy, publish_cmd
+    from services.cli import certs_cmd, demo, keys_cmd, policy, publish_cmd, subscribe_cmd
 
     publish_cmd.register(sub)
     keys_cmd.register(sub)
     certs_cmd.register(sub)
     policy.register(sub)
+    subscribe_cmd.register(sub)
     kafka = sub.add_parser("kafka", help="run the embedded single-node Kafka broker until Ctrl-C")
     kafka.add_argument("--jurisdiction", action="append", default=[], help="also create evidence.<J> (repeatable)")
     kafka.set_defaults(handler=run_kafka)

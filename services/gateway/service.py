@@ -6,6 +6,8 @@ Routes (every error is RFC 9457 problem+json; the full contract is docs/gateway-
                                                       (resume with ``Last-Event-ID``)
     GET /v1/items/{item_id}                           the latest version the office may see, with its history
     GET /v1/items/{item_id}/content/{sha256}          the bytes, with Range (206/416) and Repr-Digest
+    GET /v1/keys                                      the key registry records (anchor-signed bytes) offices verify
+                                                      events with, checked by each office against its own anchors
     GET /healthz                                      views, readers, dead letters, audit counters
 Offices are named by their client certificate (``urn:evhub:office:<ID>``, ``services.shared.principals``); a
 certificate naming no office is refused with 403, a connection without a certificate from the configured CA
@@ -69,6 +71,8 @@ SETTINGS = web.AppKey("gateway_settings", GatewaySettings)
 CONTENT = web.AppKey("gateway_content", ContentStore)
 FAILED = web.AppKey("gateway_failed", list[str])
 CRASHED = web.AppKey("gateway_crashed", asyncio.Event)
+#: The newest ``hub.keys`` record the gateway's registry accepted, per key id, as the bytes read from Kafka.
+KEY_RECORDS = web.AppKey("gateway_key_records", dict[str, bytes])
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _PURPOSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 CHUNK: Final = 1 << 20
@@ -252,6 +256,20 @@ def _quote(name: str) -> str:
     return quote(name, safe="")
 
 
+async def key_records(request: web.Request) -> web.Response:
+    """The key registry as offices need it: each record exactly as read from ``hub.keys`` (signed by a trust
+    anchor over those bytes), the newest accepted revision per key. Offices verify them with their own anchors;
+    nothing here asks them to trust the gateway."""
+    principal_of(request)  # any hub principal: the records are public keys, signed
+    gateway = request.app.get(GATEWAY)
+    if gateway is None:
+        raise InfrastructureError("the gateway is starting")
+    gateway.keys_follower.check_fresh(request.app[SETTINGS].max_view_age_s)
+    records = [base64.b64encode(r).decode("ascii") for r in request.app[KEY_RECORDS].values()]
+    body = {"records": records, "keys_age_s": gateway.keys_follower.age()}
+    return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
 async def healthz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     body: dict[str, Any] = {
@@ -317,10 +335,12 @@ def create_app(
     app[FAILED] = []
     app[CRASHED] = asyncio.Event()
     app[CONTENT] = content if content is not None else LocalContentStore(settings.content_dir)
+    app[KEY_RECORDS] = {}
 
     def apply_key(record: Any) -> None:
         try:
-            registry.apply(record.value or b"")
+            entry = registry.apply(record.value or b"")
+            app[KEY_RECORDS][entry.key.key_id] = record.value or b""
         except EvidenceHubError as exc:
             log.error("key record %s[%d]@%d refused: %s", record.topic, record.partition, record.offset, exc.detail)
 
@@ -383,6 +403,7 @@ def create_app(
     app.router.add_get("/v1/feeds/{jurisdiction}", feed)
     app.router.add_get("/v1/items/{item_id}", get_item)
     app.router.add_get("/v1/items/{item_id}/content/{sha256:[0-9a-f]{64}}", get_content)
+    app.router.add_get("/v1/keys", key_records)
     return app
 
 
