@@ -165,8 +165,8 @@ async def test_kill_9_mid_download_resumes_the_file_with_a_range_request_and_kee
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     part = out / "items" / "ITEM-BIG" / "v1" / "content" / ".big.png.part"
     log_file = tmp_path / "first-run.log"
-    with log_file.open("wb") as log:
-        proc = subprocess.Popen(_cli(hub, "DE", out, anchor, "--once"), env=env, stdout=log,  # noqa: ASYNC220
+    with log_file.open("wb") as output:
+        proc = subprocess.Popen(_cli(hub, "DE", out, anchor, "--once"), env=env, stdout=output,  # noqa: ASYNC220
                                 stderr=subprocess.STDOUT)  # fmt: skip
     try:
         async with asyncio.timeout(60):
