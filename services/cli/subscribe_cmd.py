@@ -81,6 +81,7 @@ from services.shared.tls import client_context
 EXIT_UNTRUSTED: Final = 3
 FEED_TYPES: Final = frozenset({"event", "withdrawal", "withheld", "checkpoint"})
 POLL_WAIT_S: Final = 25.0
+ONCE_WAIT_S: Final = 1.0
 KEY_REFRESH_S: Final = 5.0
 T = TypeVar("T")
 
@@ -432,7 +433,7 @@ class Subscriber:
         while not stop.is_set():
             cursor = self.store.cursor()
 
-            def next_page(cursor: str | None = cursor) -> Awaitable[Page]:
+            def next_page(cursor: str | None = cursor, wait_s: float = wait_s) -> Awaitable[Page]:
                 return self.client.page(cursor, limit=self.o.max_events, wait_s=wait_s)
 
             page = await self._retrying(next_page)
@@ -440,8 +441,11 @@ class Subscriber:
             self.batch.cursor = page.cursor  # the page may have moved past records that produced no event
             await self.flush()
             self.caught_up = page.caught_up
-            if self.o.once and page.caught_up:
-                return
+            if self.o.once:
+                if page.caught_up:
+                    return
+                # the gateway is still verifying records: wait (a little) for them rather than asking at once
+                wait_s = 0.0 if page.events else ONCE_WAIT_S
 
     async def stream(self, stop: asyncio.Event) -> None:
         """Follow the Server-Sent Events stream until stopped, reconnecting with ``Last-Event-ID``."""

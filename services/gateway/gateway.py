@@ -236,7 +236,8 @@ class Gateway:
         return steps
 
     def caught_up(self, reader: TopicReader, cursor: Cursor) -> bool:
-        return all(cursor.positions[p] >= reader.position(p) for p in reader.partitions)
+        """The cursor passed every record the reader verified, and the reader had reached the topic's end."""
+        return reader.at_end and all(cursor.positions[p] >= reader.position(p) for p in reader.partitions)
 
     async def feed(self, who: Requester, jurisdiction: str, cursor: Cursor, *, limit: int,
                    wait_s: float = 0.0) -> FeedPage:  # fmt: skip

@@ -156,6 +156,9 @@ class TopicReader:
         self._changed = asyncio.Event()
         self.ready = asyncio.Event()
         self.verified = 0
+        #: Whether the reader had verified every record up to the end of the topic as of its last fetch (the end:
+        #: the last stable offset, i.e. past transaction markers too). False until the first fetch was answered.
+        self.at_end = False
 
     async def load(self) -> None:
         """Where the reader stopped, and what it knew, from the gateway's state; the topic's partitions.
@@ -200,10 +203,20 @@ class TopicReader:
                 batches = await consumer.getmany(*tps, timeout_ms=500, max_records=MAX_RECORDS)
                 if batches:
                     await self._apply(consumer, batches)
+                self.at_end = await self._reached_end(consumer, tps)
         except KafkaError as exc:
             raise KafkaUnavailable(f"lost {self.topic}: {exc}") from exc
         finally:
             await consumer.stop()
+
+    @staticmethod
+    async def _reached_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> bool:
+        for tp in tps:
+            end = consumer.last_stable_offset(tp)
+            end = consumer.highwater(tp) if end is None or end < 0 else end
+            if end is None or await consumer.position(tp) < end:
+                return False
+        return True
 
     async def _verify_one(self, tp: TopicPartition, offset: int, value: bytes | None) -> Entry:
         try:
