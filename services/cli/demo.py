@@ -7,7 +7,10 @@
 5. an archivist publishes generated sample evidence (several cases; DE, FR, SE) with ``evhub publish``, then runs
    it again — everything is skipped, nothing is published twice;
 6. each jurisdiction's feed is read back from Kafka and verified with nothing but the group's public key;
-7. the policy decides what each prosecution office may read, and which protected fields it gets withheld.
+7. the policy decides what each prosecution office may read, and which protected fields it gets withheld;
+8. starts the gateway and the audit log service as their own processes behind mutual TLS (``demo_offices``);
+9. three prosecution offices (DE, FR, SE) subscribe with ``evhub subscribe --once``: each receives its own redacted
+   view, verifies every signature, disclosure and file itself, and keeps it with its receipts.
 Everything it started is stopped by PID at the end (or on Ctrl-C); ``--keep-running`` waits for Ctrl-C first.
 """
 
@@ -25,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli import manifest, samples
+from services.cli.demo_offices import offices_subscribe, read_path
 from services.cli.publish import Journal, publish_all, summary
 from services.cli.supervise import running_service
 from services.policy.attributes import item_attributes
@@ -127,9 +131,16 @@ async def run_demo(args: argparse.Namespace) -> int:
             await _publish(out, work, url, ctx)
             await _verify(out, codec, bootstrap, anchor)
             await _decide(out, codec, bootstrap, admin, anchor)
-            if args.keep_running:
-                out.print(f"\nKafka at {bootstrap}, publisher at {url}. Ctrl-C stops both.")
-                await asyncio.Event().wait()
+            _write_key(keys / "policy-admin.key", admin)
+            async with read_path(out, work, bootstrap=bootstrap, offices=OFFICES,
+                                 anchor_pub=keys / "trust-anchor.pub.pem",
+                                 admin_pub=keys / "policy-admin.pub.pem") as path:  # fmt: skip
+                await offices_subscribe(out, work, path, offices=OFFICES, anchor=anchor.public)
+                # next step (10): the auditor replays the audit log — path.audit_url, path.auditor, path.log_vkey
+                if args.keep_running:
+                    out.print(f"\nKafka at {bootstrap}, publisher at {url}, gateway at {path.gateway_url}, audit log "
+                              f"at {path.audit_url}. Ctrl-C stops them all.")  # fmt: skip
+                    await asyncio.Event().wait()
     out.rule("done")
     out.print("Everything the demo started has been stopped.")
     return 0
