@@ -39,7 +39,9 @@ from services.gateway.release import (
     audit_entry,
     decide_record,
     released_event,
+    released_json,
     withheld_event,
+    withheld_json,
 )
 from services.gateway.store import GatewayStore, IndexedRecord
 from services.policy.model import READ_CONTENT, READ_FEED, READ_ITEM, FeedRef, ItemAttributes
@@ -54,9 +56,18 @@ Clock = Callable[[], datetime]
 NewId = Callable[[], str]
 
 
+@dataclass(frozen=True)
+class FeedEvent:
+    """One event of a page, already rendered as JSON text (``release.released_json`` / ``withheld_json``)."""
+
+    type: str
+    cursor: str
+    json: str
+
+
 @dataclass
 class FeedPage:
-    events: list[dict[str, Any]]
+    events: list[FeedEvent]
     cursor: str
     caught_up: bool
 
@@ -281,10 +292,10 @@ class Gateway:
             text = self.cursor_keys.encode(step.cursor, office=office, jurisdiction=jurisdiction)
             location = next(where)
             if step.outcome.released:
-                events.append(released_event(step.outcome, codec=self.codec, cursor=text, audit=location,
-                                             late=step.late))  # fmt: skip
+                body = released_json(step.outcome, codec=self.codec, cursor=text, audit=location, late=step.late)
+                events.append(FeedEvent(step.outcome.record.kind, text, body))
             else:
-                events.append(withheld_event(step.outcome, cursor=text, audit=location))
+                events.append(FeedEvent("withheld", text, withheld_json(step.outcome, cursor=text, audit=location)))
         return FeedPage(events=events, cursor=self.cursor_keys.encode(final, office=office, jurisdiction=jurisdiction),
                         caught_up=self.caught_up(reader, final))  # fmt: skip
 

@@ -34,7 +34,6 @@ from aiokafka.errors import KafkaError
 from services.gateway.cursor import micros
 from services.gateway.release import EvidenceRecord
 from services.gateway.store import GatewayStore, IndexedRecord
-from services.policy.attributes import item_attributes
 from services.shared.avro import AvroCodec
 from services.shared.envelope import KeyResolver, open_envelope
 from services.shared.errors import DecodeError, EvidenceHubError, KafkaUnavailable, TrustError, UntrustedKey
@@ -81,7 +80,8 @@ def index_entry(record: EvidenceRecord) -> IndexedRecord:
     content: tuple[str, ...] = ()
     embargo = None
     if record.kind == "event":
-        attrs = item_attributes(record.record, withdrawn=False)
+        attrs = record.signed_attributes
+        assert attrs is not None  # an event has them
         attributes = attrs.model_dump(mode="json")
         content = tuple(c["sha256"] for c in record.record["content"])
         if attrs.embargo_until is not None:  # whole seconds, as the policy engine compares it (see ``gateway``)
