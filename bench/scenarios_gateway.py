@@ -120,14 +120,14 @@ async def _raw(ctx: Context, n: int) -> int:
     return sum(counts)
 
 
-@scenario(name="aiokafka-consume-gateway", unit="events/s", events=DELIVER_N, quick_events=1_000,
+@scenario(name="aiokafka-consume-gateway", unit="events/s", events=DELIVER_N, quick_events=500,
           record_size=ENVELOPE_BYTES, setup=_deliver_setup, teardown=_teardown)  # fmt: skip
 async def aiokafka_consume_gateway(ctx: Context) -> int:
     """aiokafka configured like the gateway's reader: read N signed envelopes from the beginning."""
     return await _raw(ctx, 1)
 
 
-@scenario(name="aiokafka-consume-gateway-10", unit="events/s", events=DELIVER_N, quick_events=1_000,
+@scenario(name="aiokafka-consume-gateway-10", unit="events/s", events=DELIVER_N, quick_events=500,
           record_size=ENVELOPE_BYTES, setup=_deliver_setup, teardown=_teardown)  # fmt: skip
 async def aiokafka_consume_gateway_10(ctx: Context) -> int:
     """Ten such consumers reading the N envelopes at once (aggregate)."""
@@ -161,7 +161,7 @@ async def _drain_sse(rig: Rig, office: str, want: int) -> int:
 
 
 @scenario(name="gateway-deliver-1", unit="events/s", baseline="aiokafka-consume-gateway", events=DELIVER_N,
-          quick_events=1_000, record_size=ENVELOPE_BYTES, setup=_deliver_setup, teardown=_teardown)  # fmt: skip
+          quick_events=500, record_size=ENVELOPE_BYTES, setup=_deliver_setup, teardown=_teardown)  # fmt: skip
 async def gateway_deliver_1(ctx: Context) -> int:
     """One office drains N records over mTLS (SSE): decided, redacted, audited write-ahead, sent."""
     with ctx.timed():
@@ -169,7 +169,7 @@ async def gateway_deliver_1(ctx: Context) -> int:
 
 
 @scenario(name="gateway-deliver-10", unit="events/s", baseline="aiokafka-consume-gateway-10", events=DELIVER_N,
-          quick_events=1_000, record_size=ENVELOPE_BYTES, setup=_deliver_setup, teardown=_teardown)  # fmt: skip
+          quick_events=500, record_size=ENVELOPE_BYTES, setup=_deliver_setup, teardown=_teardown)  # fmt: skip
 async def gateway_deliver_10(ctx: Context) -> int:
     """Ten offices drain the N records at once (aggregate events/s)."""
     with ctx.timed():
@@ -230,8 +230,8 @@ async def _latency_run(ctx: Context, read: Any) -> Latencies:
     return _latencies(sent, received)
 
 
-@scenario(name="aiokafka-latency", unit="ms", events=int(RATE * LATENCY_SECONDS), quick_events=1_000,
-          seconds=LATENCY_SECONDS, quick_seconds=1.0, setup=_latency_setup, teardown=_teardown)  # fmt: skip
+@scenario(name="aiokafka-latency", unit="ms", events=int(RATE * LATENCY_SECONDS), quick_events=500,
+          seconds=LATENCY_SECONDS, quick_seconds=0.5, setup=_latency_setup, teardown=_teardown)  # fmt: skip
 async def aiokafka_latency(ctx: Context) -> Latencies:
     """Produce (acks=all) → a raw consumer configured like the gateway's reader, at a steady 1,000 events/s."""
     rig: Rig = ctx.state["rig"]
@@ -259,7 +259,7 @@ async def aiokafka_latency(ctx: Context) -> Latencies:
 
 
 @scenario(name="gateway-latency", unit="ms", baseline="aiokafka-latency", events=int(RATE * LATENCY_SECONDS),
-          quick_events=1_000, seconds=LATENCY_SECONDS, quick_seconds=1.0, setup=_latency_setup,
+          quick_events=500, seconds=LATENCY_SECONDS, quick_seconds=0.5, setup=_latency_setup,
           teardown=_teardown)  # fmt: skip
 async def gateway_latency(ctx: Context) -> Latencies:
     """Produce (acks=all) → the gateway → an office following with SSE, at a steady 1,000 events/s."""
@@ -311,7 +311,7 @@ async def _idle_setup(ctx: Context) -> None:
     rig.url = f"https://127.0.0.1:{rig.settings.port}"
     ctx.state.update(rig=rig, runner=runner, clients=None)
     await _wait_healthy(rig)
-    idle = (50 if ctx.quick else IDLE) if ctx.scenario.endswith("-1000") else 0
+    idle = (20 if ctx.quick else IDLE) if ctx.scenario.endswith("-1000") else 0
     if idle:
         files = rig.certs[OFFICES[1]]
         clients = subprocess.Popen(  # noqa: ASYNC220, S603 - our own module; returns at once, readiness awaited below

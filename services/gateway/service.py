@@ -401,6 +401,7 @@ def create_app(
             }  # fmt: skip
             for reader in readers.values():
                 await reader.load()
+            await audit.start()
             app[GATEWAY] = Gateway(
                 codec=codec, registry=registry, keys_follower=keys_follower, policy=policy, store=store,
                 readers=readers, catchup=catchup, audit=audit, cursor_keys=cursor_keys,
