@@ -486,7 +486,7 @@ async def subscribe(options: Options, *, err: Console | None = None, prover: Rec
         InfrastructureError: the gateway stayed unavailable past ``give_up_after_s`` (exit 4).
         Conflict / ConfigurationError / StoreUnavailable: the directory is in use, another subscription's, broken.
     """
-    err = err or Console(stderr=True)
+    err = err or Console(stderr=True, soft_wrap=True)
     topic = evidence_topic(options.jurisdiction)
     meta = {"jurisdiction": options.jurisdiction, "office": options.office, "topic": topic}
     store = SubscriptionStore(options.out, meta=meta)
@@ -543,7 +543,7 @@ async def run_subscribe(args: argparse.Namespace) -> int:
                                env="--trust-anchor or EVHUB_CLIENT_TRUST_ANCHOR_FILES")  # fmt: skip
     give_up = args.give_up_after if args.give_up_after is not None else (120.0 if args.once else None)
     out = Console()
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     options = Options(jurisdiction=args.jurisdiction, out=args.out, gateway=settings.gateway_url,
                       tls=client_context(files), office=office_of(files.cert), anchors=anchors, purpose=args.purpose,
                       once=args.once, transport=args.transport, max_events=args.max, give_up_after_s=give_up,
