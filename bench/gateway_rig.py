@@ -145,7 +145,10 @@ class Rig:
         log = self.work / "gateway.log"
         with log.open("ab") as out:
             self.process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; readiness is awaited below
-                [sys.executable, "-m", "services.gateway"], env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "services.gateway"],
+                env=self.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         self.url = f"https://127.0.0.1:{self.settings.port}"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -170,8 +169,18 @@ def json_value(value: Any) -> Any:
     return value
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_IDENTITY: Final = ("event_id", "item_id", "jurisdiction", "published_at")
+
+
+def _agrees(ours: Any, theirs: Any) -> bool:
+    """The gateway's decoded copy says what the signed payload says: every field both have is equal (recursively).
+    A field only one side has is skipped, so a gateway and an office on different released schema versions (fields
+    added with defaults) still agree; the identity fields are checked to be present separately."""
+    if isinstance(ours, dict):
+        return isinstance(theirs, dict) and all(_agrees(v, theirs[k]) for k, v in ours.items() if k in theirs)
+    if isinstance(ours, list):
+        return isinstance(theirs, list) and len(ours) == len(theirs) and all(map(_agrees, ours, theirs))
+    return bool(ours == theirs) and type(ours) is type(theirs)
 
 
 class FeedVerifier:
@@ -220,7 +229,8 @@ class FeedVerifier:
             if SCHEMA_FOR_TYPE.get(wire.payload_type or "") != verified.schema or _TYPES[wire.type] != verified.schema:
                 return Failure(f"a {wire.type} event carrying a {verified.schema} payload", wire.cursor, raw, position)
             copy = wire.event if wire.type == "event" else wire.withdrawal
-            if copy is None or _canonical(copy) != _canonical(json_value(verified.record)):
+            ours = json_value(verified.record)
+            if copy is None or not all(k in copy for k in _IDENTITY) or not _agrees(ours, copy):
                 return Failure("the decoded copy differs from the signed payload", wire.cursor, raw, position)
             disclosures = reveal(verified.disclosures, verified.record.get("protected", ()))
             fingerprint = _with_disclosures(self._codec, envelope, [])  # the signed event, whatever is disclosed
