@@ -81,3 +81,33 @@ def test_a_directory_is_one_subscription_held_by_one_process(tmp_path: Path, off
     other = _run(tmp_path, "--jurisdiction", "DE", "--out", str(out), *office)
     assert other.returncode == 5
     assert "holds the subscription of jurisdiction 'FR'" in other.stderr
+
+
+async def test_the_receipt_proof_hook_keeps_each_proof_beside_the_items(tmp_path: Path) -> None:
+    """The place `evhub audit prove` plugs in: receipts without a proof are asked for one; a proof is kept in
+    DIR/proofs/<receipt>.tlog-proof and noted; a receipt not yet covered by a checkpoint is asked again next time."""
+    from services.cli.subscribe_cmd import fetch_proofs
+    from services.cli.subscribe_store import Batch
+
+    store = SubscriptionStore(tmp_path, meta={"jurisdiction": "DE", "office": "DE-GBA-WCU", "topic": "evidence.DE"})
+    try:
+        audit = ("hub.audit", 0, 7, 0)
+        store.commit(Batch(receipts=[(r, "withheld", None, None, None, None, None, *audit, "2026-12-01T00:00:00+00:00")
+                                     for r in ("r-1", "r-2")]), sequences={})  # fmt: skip
+
+        class Prover:
+            def __init__(self) -> None:
+                self.asked: list[str] = []
+
+            async def prove(self, receipt: str) -> bytes | None:
+                self.asked.append(receipt)
+                return b"c2sp.org/tlog-proof@v1\n" if receipt == "r-1" else None
+
+        prover = Prover()
+        assert await fetch_proofs(store, prover) == 1
+        assert (tmp_path / "proofs" / "r-1.tlog-proof").read_bytes() == b"c2sp.org/tlog-proof@v1\n"
+        assert store.receipts_without_proof() == ["r-2"]
+        assert await fetch_proofs(store, prover) == 0
+        assert prover.asked == ["r-1", "r-2", "r-2"]
+    finally:
+        store.close()
