@@ -30,6 +30,8 @@ import ssl
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any, Final
 
 import aiohttp
@@ -52,6 +54,7 @@ RATE: Final = 1_000
 LATENCY_SECONDS: Final = 8.0
 IDLE: Final = 1_000
 DEADLINE_S: Final = 300.0
+RECONNECTS: Counter[str] = Counter()
 
 
 # --- set-up -----------------------------------------------------------------------------------------------------
@@ -73,6 +76,9 @@ async def _latency_setup(ctx: Context) -> None:
 
 
 async def _teardown(ctx: Context) -> None:
+    if RECONNECTS:
+        print(f"bench: {ctx.scenario}: offices reconnected {sum(RECONNECTS.values())} times (a 503 or an ended "
+              "stream, e.g. hub.audit slower than the audit timeout): included in the figures", file=sys.stderr)
     rig: Rig = ctx.state["rig"]
     await rig.stop()
     await delete_topics(ctx.bootstrap, rig_topics(rig))
@@ -137,27 +143,49 @@ async def aiokafka_consume_gateway_10(ctx: Context) -> int:
 # --- offices through the gateway --------------------------------------------------------------------------------
 
 
-async def _drain_sse(rig: Rig, office: str, want: int) -> int:
-    """Read the office's feed from the beginning with SSE until ``want`` events arrived; parse every event."""
+async def _follow_sse(rig: Rig, office: str, on_event: Callable[[dict[str, Any], float], bool], *,
+                      cursor: str | None = None) -> None:  # fmt: skip
+    """Follow the office's feed with SSE, as a client does: on a 503 or an ``error`` event, wait (``Retry-After``,
+    at most a second here) and reconnect with ``Last-Event-ID``. ``on_event(event, arrived)`` returns True to stop.
+    Reconnections are counted in ``RECONNECTS`` (the bench prints them: they are part of what was measured)."""
     connector = aiohttp.TCPConnector(ssl=rig.ssl_for(office))
-    timeout = aiohttp.ClientTimeout(total=DEADLINE_S)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        headers = {"Accept": "text/event-stream"}
-        async with session.get(rig.feed_url(), params={"max": str(PAGE)}, headers=headers) as response:
-            if response.status != 200:
-                raise RuntimeError(f"{office}: {response.status} {await response.text()}")
-            got, buffer = 0, b""
-            async for chunk in response.content.iter_any():
-                buffer += chunk
-                *frames, buffer = buffer.split(b"\n\n")
-                for frame in frames:
-                    for line in frame.split(b"\n"):
-                        if line.startswith(b"data: "):
-                            event = json.loads(line[6:])
-                            got += event["type"] in ("event", "withheld")
-                if got >= want:
-                    return got
-    raise RuntimeError(f"{office}: the stream ended after {got} of {want} events")
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=DEADLINE_S)) as session:
+        while True:
+            headers = {"Accept": "text/event-stream", **({"Last-Event-ID": cursor} if cursor else {})}
+            async with session.get(rig.feed_url(), params={"max": str(PAGE)}, headers=headers) as response:
+                if response.status == 503:
+                    RECONNECTS[office] += 1
+                    await asyncio.sleep(min(1.0, float(response.headers.get("Retry-After", "1"))))
+                    continue
+                if response.status != 200:
+                    raise RuntimeError(f"{office}: {response.status} {await response.text()}")
+                buffer = b""
+                async for chunk in response.content.iter_any():
+                    arrived = time.perf_counter()
+                    buffer += chunk
+                    *frames, buffer = buffer.split(b"\n\n")
+                    for frame in frames:
+                        for line in frame.split(b"\n"):
+                            if line.startswith(b"data: "):
+                                event = json.loads(line[6:])
+                                cursor = event.get("cursor", cursor)
+                                if on_event(event, arrived):
+                                    return
+            RECONNECTS[office] += 1  # the gateway ended the stream (an error event): resume where it stopped
+            await asyncio.sleep(0.2)
+
+
+async def _drain_sse(rig: Rig, office: str, want: int) -> int:
+    """Read the office's feed from the beginning until ``want`` events arrived; every event is parsed."""
+    got = 0
+
+    def count(event: dict[str, Any], _arrived: float) -> bool:
+        nonlocal got
+        got += event["type"] in ("event", "withheld")
+        return got >= want
+
+    await _follow_sse(rig, office, count)
+    return got
 
 
 @scenario(name="gateway-deliver-1", unit="events/s", baseline="aiokafka-consume-gateway", events=DELIVER_N,
@@ -269,19 +297,13 @@ async def gateway_latency(ctx: Context) -> Latencies:
         connector = aiohttp.TCPConnector(ssl=rig.ssl_for(OFFICES[0]))
         async with aiohttp.ClientSession(connector=connector) as session:
             cursor = await _head_cursor(session, rig)
-            headers = {"Accept": "text/event-stream", "Last-Event-ID": cursor}
-            async with session.get(rig.feed_url(), params={"max": str(PAGE)}, headers=headers) as response:
-                buffer = b""
-                async for chunk in response.content.iter_any():
-                    now = time.perf_counter()
-                    buffer += chunk
-                    *frames, buffer = buffer.split(b"\n\n")
-                    for frame in frames:
-                        for line in frame.split(b"\n"):
-                            if line.startswith(b"data: "):
-                                event = json.loads(line[6:])
-                                if event["type"] == "event":
-                                    received[event["event"]["event_id"]] = now
+
+        def note(event: dict[str, Any], arrived: float) -> bool:
+            if event["type"] == "event":
+                received[event["event"]["event_id"]] = arrived
+            return False
+
+        await _follow_sse(rig, OFFICES[0], note, cursor=cursor)
 
     return await _latency_run(ctx, read)
 

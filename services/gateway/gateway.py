@@ -194,7 +194,7 @@ class Gateway:
         return True
 
     async def _last_attributes(self, reader: TopicReader, item_id: str) -> ItemAttributes | None:
-        rows = await asyncio.to_thread(self.store.item, reader.topic, item_id)
+        rows = self.store.item(reader.topic, item_id)  # indexed; on the loop (see store)
         events = [r for r in rows if r.kind == "event" and r.attributes is not None]
         return ItemAttributes.model_validate(events[-1].attributes) if events else None
 
@@ -214,9 +214,8 @@ class Gateway:
     async def _due(self, who: Requester, reader: TopicReader, cursor: Cursor, now_s: int, limit: int,
                    at: datetime) -> tuple[list[Step], EmbargoMark, bool]:  # fmt: skip
         """Late releases owed to this cursor; the new mark; whether every one due by ``now_s`` was handled."""
-        rows: list[IndexedRecord] = await asyncio.to_thread(
-            self.store.embargoes_ending, reader.topic, after=cursor.embargo_mark, until=now_s, limit=limit
-        )
+        rows: list[IndexedRecord] = self.store.embargoes_ending(reader.topic, after=cursor.embargo_mark, until=now_s,
+                                                                limit=limit)  # fmt: skip
         steps, mark = [], cursor.embargo_mark
         for row in rows:
             mark = (row.embargo_until or 0, row.partition, row.offset)
@@ -302,7 +301,7 @@ class Gateway:
     # --- items and content ---------------------------------------------------------------------------------------
 
     async def _item_records(self, reader: TopicReader, item_id: str) -> list[EvidenceRecord]:
-        rows = await asyncio.to_thread(self.store.item, reader.topic, item_id)
+        rows = self.store.item(reader.topic, item_id)  # indexed; on the loop (see store)
         records = [await self._record_at(reader, r.partition, r.offset) for r in rows]
         return [r for r in records if r is not None and self._trusted_now(r)]
 
@@ -348,7 +347,7 @@ class Gateway:
         """
         reader = self.reader_for(jurisdiction)
         self.check_ready()
-        rows = await asyncio.to_thread(self.store.item, reader.topic, item_id)
+        rows = self.store.item(reader.topic, item_id)  # indexed; on the loop (see store)
         listing = [r for r in rows if r.kind == "event" and sha256 in r.content]
         if not listing:
             raise NotFound("no such content")

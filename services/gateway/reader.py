@@ -266,8 +266,8 @@ class TopicReader:
             return
         positions = {p: es[-1].offset + 1 for p, es in learned.items() if es}
         records = [index_entry(e) for es in learned.values() for e in es if isinstance(e, EvidenceRecord)]
-        await asyncio.to_thread(
-            self._store.commit, self.topic, positions=positions, sequences=self._tracker.take_dirty(),
+        self._store.commit(  # on the loop: no fsync (see store); a worker thread waited for the GIL instead
+            self.topic, positions=positions, sequences=self._tracker.take_dirty(),
             rejected=[(r.partition, r.offset, r.reason) for r in rejected], records=records,
         )  # fmt: skip
         for p, entries in learned.items():
