@@ -229,11 +229,19 @@ async def _paced(ctx: Context, rig: Rig, sent: dict[str, float], stop: asyncio.E
         stop.set()
 
 
-async def _collect(received: dict[str, float], sent: dict[str, float], stop: asyncio.Event) -> None:
-    async with asyncio.timeout(60):
-        await stop.wait()
-        while len(received) < len(sent):  # noqa: ASYNC110 - the reader fills ``received``
-            await asyncio.sleep(0.05)
+async def _collect(received: dict[str, float], sent: dict[str, float], stop: asyncio.Event,
+                   reader: asyncio.Task[None]) -> None:  # fmt: skip
+    try:
+        async with asyncio.timeout(60):
+            await stop.wait()
+            while len(received) < len(sent):
+                if reader.done():
+                    reader.result()  # raises what stopped it
+                    raise RuntimeError(f"the reader stopped with {len(received)} of {len(sent)} events")
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise RuntimeError(f"{len(sent) - len(received)} of {len(sent)} events did not arrive within 60 s "
+                           f"(reconnections: {dict(RECONNECTS)})") from None
 
 
 def _latencies(sent: dict[str, float], received: dict[str, float]) -> Latencies:
@@ -244,12 +252,20 @@ async def _latency_run(ctx: Context, read: Any) -> Latencies:
     sent: dict[str, float] = {}
     received: dict[str, float] = {}
     stop = asyncio.Event()
-    reader = asyncio.create_task(read(received))
-    await asyncio.sleep(0.5)  # the reader is connected at the head of the feed before the first event
+    ready = asyncio.Event()
+    reader = asyncio.create_task(read(received, ready))
     try:
+        waiting = asyncio.ensure_future(ready.wait())
+        try:  # the reader is at the head of the feed before the first event is sent
+            await asyncio.wait([reader, waiting], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+        if reader.done():
+            reader.result()
+            raise RuntimeError("the reader stopped before the first event")
         with ctx.timed():
             await _paced(ctx, ctx.state["rig"], sent, stop)
-            await _collect(received, sent, stop)
+            await _collect(received, sent, stop, reader)
     finally:
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
@@ -259,13 +275,14 @@ async def _latency_run(ctx: Context, read: Any) -> Latencies:
 
 
 @scenario(name="aiokafka-latency", unit="ms", events=int(RATE * LATENCY_SECONDS), quick_events=500,
-          seconds=LATENCY_SECONDS, quick_seconds=0.5, setup=_latency_setup, teardown=_teardown)  # fmt: skip
+          record_size=ENVELOPE_BYTES, seconds=LATENCY_SECONDS, quick_seconds=0.5, setup=_latency_setup,
+          teardown=_teardown)  # fmt: skip
 async def aiokafka_latency(ctx: Context) -> Latencies:
     """Produce (acks=all) → a raw consumer configured like the gateway's reader, at a steady 1,000 events/s."""
     rig: Rig = ctx.state["rig"]
     codec = rig.codec
 
-    async def read(received: dict[str, float]) -> None:
+    async def read(received: dict[str, float], ready: asyncio.Event) -> None:
         partitions = await partitions_of(ctx.bootstrap, rig.topic)
         consumer = make_consumer(ctx.bootstrap, group_id=None, client_id="bench-latency-raw")
         await consumer.start()
@@ -273,6 +290,9 @@ async def aiokafka_latency(ctx: Context) -> Latencies:
             tps = [TopicPartition(rig.topic, p) for p in partitions]
             consumer.assign(tps)
             await consumer.seek_to_end(*tps)
+            for tp in tps:
+                await consumer.position(tp)  # resolved now: nothing sent from here on is skipped
+            ready.set()
             while True:
                 for records in (await consumer.getmany(*tps, timeout_ms=500, max_records=MAX_RECORDS)).values():
                     now = time.perf_counter()
@@ -287,16 +307,17 @@ async def aiokafka_latency(ctx: Context) -> Latencies:
 
 
 @scenario(name="gateway-latency", unit="ms", baseline="aiokafka-latency", events=int(RATE * LATENCY_SECONDS),
-          quick_events=500, seconds=LATENCY_SECONDS, quick_seconds=0.5, setup=_latency_setup,
-          teardown=_teardown)  # fmt: skip
+          quick_events=500, record_size=ENVELOPE_BYTES, seconds=LATENCY_SECONDS, quick_seconds=0.5,
+          setup=_latency_setup, teardown=_teardown)  # fmt: skip
 async def gateway_latency(ctx: Context) -> Latencies:
     """Produce (acks=all) → the gateway → an office following with SSE, at a steady 1,000 events/s."""
     rig: Rig = ctx.state["rig"]
 
-    async def read(received: dict[str, float]) -> None:
+    async def read(received: dict[str, float], ready: asyncio.Event) -> None:
         connector = aiohttp.TCPConnector(ssl=rig.ssl_for(OFFICES[0]))
         async with aiohttp.ClientSession(connector=connector) as session:
             cursor = await _head_cursor(session, rig)
+        ready.set()  # everything sent from now on is after this cursor
 
         def note(event: dict[str, Any], arrived: float) -> bool:
             if event["type"] == "event":
