@@ -5,12 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install kafka-jars lint typecheck test demo bench bench-quick clean
+.PHONY: help install kafka-jars lint typecheck test demo bench bench-quick reliability soak clean
 
 help:
 	@echo "make demo   - start Kafka and the hub, run the main job on embedded defaults"
 	@echo "make test   - install, lint (ruff), type-check (mypy --strict), run every test against a real broker"
 	@echo "make bench  - measure the hub next to raw Kafka clients on the same broker"
+	@echo "make reliability - run the fault suite and record its table in docs/reliability.md"
+	@echo "make soak   - the fault suite, each fault injected 5x as often, broker stops of 40 s"
 
 # pip's and setuptools' own chatter goes to .venv/install.log; it is printed only if the install fails.
 $(STAMP): pyproject.toml constraints.txt
@@ -42,6 +44,13 @@ bench: install kafka-jars
 
 bench-quick: install kafka-jars
 	$(PY) -m bench --quick
+
+# The fault suite also runs in `make test` (tests/faults); this records its numbers in docs/reliability.md.
+reliability: install kafka-jars
+	EVHUB_RELIABILITY_REPORT=docs/reliability.md $(PY) -m pytest tests/faults
+
+soak: install kafka-jars
+	EVHUB_FAULT_RUNS=5 EVHUB_FAULT_STOP_S=40 $(PY) -m pytest tests/faults
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

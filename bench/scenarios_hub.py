@@ -34,12 +34,14 @@ from services.policy.pack import load_pack
 from services.policy.version import sign, trusted_keys
 from services.publisher import state
 from services.publisher.core import EvidenceMetadata, parse_metadata
+from services.publisher.courier import OutboxSettings
+from services.publisher.outbox import Outbox
 from services.publisher.pipeline import ContentInfo, EvidencePublisher
 from services.publisher.service import create_app
 from services.publisher.settings import PublisherSettings
 from services.shared.avro import AvroCodec
 from services.shared.content import LocalContentStore
-from services.shared.kafka import TopicSpec, ensure_topics, evidence_topic, make_producer
+from services.shared.kafka import TopicSpec, ensure_topics, evidence_topic
 from services.shared.keys import SigningKey
 from services.shared.registry import KeyRegistry, issue
 from services.shared.tls import client_context, create_dev_pki, server_context
@@ -73,19 +75,20 @@ async def _publisher_setup(ctx: Context) -> None:
     registry.apply(issue(codec, anchor, public_key=signer.public, organisation="bench",
                          not_before=datetime.now(UTC) - timedelta(days=1)))  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="evhub-bench-"))
-    producer = make_producer(ctx.bootstrap, client_id="bench-hub")
-    await producer.start()
     committer = state.GroupCommitter(state.connect(work / "publisher.sqlite3"))
+    outbox = Outbox(key=signer.public, codec=codec, committer=committer, topics=[evidence_topic(jurisdiction)],
+                    settings=OutboxSettings(bootstrap=ctx.bootstrap))  # fmt: skip
+    await outbox.start(timeout_s=60)
     ctx.state.update(
-        jurisdiction=jurisdiction, producer=producer, committer=committer, work=work, round=0,
-        publisher=EvidencePublisher(codec=codec, signer=signer, producer=producer, committer=committer,
+        jurisdiction=jurisdiction, outbox=outbox, committer=committer, work=work, round=0,
+        publisher=EvidencePublisher(codec=codec, signer=signer, outbox=outbox, committer=committer,
                                     organisation="bench", jurisdictions=[jurisdiction], registry=registry),
         content=ContentInfo(sha256="ab" * 32, size=48_213, media_type="image/jpeg", file_name="photo.jpg"),
     )  # fmt: skip
 
 
 async def _publisher_teardown(ctx: Context) -> None:
-    await ctx.state["producer"].stop()
+    await ctx.state["outbox"].stop(5.0)
     ctx.state["committer"].close()
     await _delete_topic(ctx, evidence_topic(ctx.state["jurisdiction"]))
 

@@ -13,14 +13,22 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.publisher import state
+from services.publisher.courier import OutboxSettings
+from services.publisher.outbox import Outbox
 from services.publisher.pipeline import EvidencePublisher
 from services.shared.avro import AvroCodec
 from services.shared.cluster import KafkaTarget
 from services.shared.content import LocalContentStore
 from services.shared.errors import KafkaUnavailable
-from services.shared.kafka import ensure_topics, evidence_topic, hub_topics, make_producer, partitions_of
+from services.shared.kafka import ensure_topics, evidence_topic, hub_topics, partitions_of
 from services.shared.keys import SigningKey
 from services.shared.registry import KeyRegistry, issue
+
+
+def quick_outbox(bootstrap: str) -> OutboxSettings:
+    """Delivery bounds for tests: short, so a test of an unacknowledged delivery does not wait long."""
+    return OutboxSettings(bootstrap=bootstrap, delivery_timeout_s=5.0, request_timeout_ms=5_000,
+                          transaction_timeout_s=30.0, establish_timeout_s=60.0)  # fmt: skip
 
 
 @dataclass
@@ -33,6 +41,7 @@ class Stack:
     codec: AvroCodec
     jurisdictions: list[str]
     bootstrap: str
+    outbox: Outbox
 
     def topic(self, jurisdiction: str) -> str:
         return evidence_topic(jurisdiction)
@@ -58,18 +67,20 @@ async def stack(kafka: KafkaTarget, tmp_path: Path, codec: AvroCodec) -> AsyncIt
     await ensure_topics(kafka.bootstrap, [s for s in hub_topics(jurisdictions) if s.name.startswith("evidence.")])
     anchor, signer = SigningKey.generate(), SigningKey.generate()
     registry = trusted_registry(codec, anchor, signer)
-    producer = make_producer(kafka.bootstrap, client_id="test-publisher", request_timeout_ms=5_000)
-    await producer.start()
     committer = state.GroupCommitter(state.connect(tmp_path / "publisher.sqlite3"))
+    outbox = Outbox(key=signer.public, codec=codec, committer=committer,
+                    topics=[evidence_topic(j) for j in jurisdictions],
+                    settings=quick_outbox(kafka.bootstrap))  # fmt: skip
     publisher = EvidencePublisher(
-        codec=codec, signer=signer, producer=producer, committer=committer,
+        codec=codec, signer=signer, outbox=outbox, committer=committer,
         organisation="Syrian documentation group", jurisdictions=jurisdictions, registry=registry,
     )  # fmt: skip
     try:
+        await outbox.start(timeout_s=60)
         yield Stack(publisher, LocalContentStore(tmp_path / "content"), registry, anchor, signer, codec,
-                    jurisdictions, kafka.bootstrap)  # fmt: skip
+                    jurisdictions, kafka.bootstrap, outbox)  # fmt: skip
     finally:
-        await producer.stop()
+        await outbox.stop(2.0)
         committer.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -28,6 +29,9 @@ async def serve(settings: AuditSettings) -> None:
     files = settings.tls_files()
     runner = web.AppRunner(create_app(settings, bootstrap=bootstrap))
     await runner.setup()
+    # Everything allocated so far lives as long as the process: keep it out of the collector's scans, which
+    # otherwise rescan it while integration allocates (measured: ~20 % of an integration's CPU time).
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,7 +3,10 @@
 Routes (every one but the probes needs a client certificate naming a hub principal):
     GET /healthz                          200 while the log runs (size, counters, why integration is stopped)
     GET /readyz                           200 only if a checkpoint at most ``max_checkpoint_age_s`` old exists
-    GET /v1/log/checkpoint                the latest checkpoint (C2SP signed note)
+    GET /v1/log/checkpoint[?size=]        the latest checkpoint (C2SP signed note), or the one signed at a size,
+                                          with the witness cosignatures the log accepted for it
+    POST /v1/log/cosignature              a checkpoint of this log carrying cosignatures by configured witnesses
+    GET /v1/log/cosigned                  the newest sizes that carry cosignatures, with the witnesses' names
     GET /v1/log/tile/<L>/<N>[.p/<W>]      tiles (hashes only): any principal
     GET /v1/log/tile/entries/<N>[.p/<W>]  entry bundles: auditors only (entries name offices and items)
     GET /v1/log/entries?start=&end=&office=&item=&decision=&since=&until=&limit=
@@ -11,6 +14,11 @@ Routes (every one but the probes needs a client certificate naming a hub princip
     GET /v1/log/proof/inclusion?index=|entry_id=[&size=]
     GET /v1/log/proof/consistency?from=&to=
     GET /v1/log/receipt/{entry_id}[?size=]  a c2sp.org/tlog-proof@v1 (the entry's bytes in its ``extra`` line)
+
+Cosignatures (c2sp.org/tlog-cosignature) come from witnesses that pull checkpoints (``evhub audit witness``): a
+posted note must be a checkpoint this log signed at that size, byte for byte, and carry at least one cosignature
+by a witness in ``WITNESS_KEYS`` that verifies; those are kept, other signatures ignored. Any authenticated
+principal may post (the cosignature is the credential), as tlog-witness has no authentication beyond signatures.
 
 Access: an auditor sees and proves everything; an office only its own entries (another office's entry is
 "not found" by id and "forbidden" by index). Tiles and checkpoints reveal only hashes and are served to any
@@ -30,11 +38,12 @@ from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
-from services.audit import merkle
-from services.audit.checkpoint import TlogProof
+from services.audit import merkle, note
+from services.audit.checkpoint import Checkpoint, TlogProof
 from services.audit.index import EntryQuery, LogIndex
 from services.audit.integrator import Integrator, LogView
 from services.audit.log import IndexedEntry, micros
+from services.audit.note import Verifier
 from services.audit.settings import AuditSettings
 from services.audit.tiles import (
     ENTRIES,
@@ -48,11 +57,13 @@ from services.audit.tiles import (
 )
 from services.audit.tilestore import TileStore
 from services.shared.errors import (
+    Conflict,
     DecodeError,
     Forbidden,
     InfrastructureError,
     InvalidProof,
     NotFound,
+    PayloadTooLarge,
     StoreUnavailable,
     ValidationFailed,
 )
@@ -63,6 +74,8 @@ INDEX: web.AppKey[LogIndex] = web.AppKey("audit_index")
 TILES: web.AppKey[TileStore] = web.AppKey("audit_tiles")
 SETTINGS = web.AppKey("audit_settings", AuditSettings)
 FAILURE = web.AppKey("audit_failure", list[str])
+LOG_KEY: web.AppKey[Verifier] = web.AppKey("audit_log_key")
+WITNESSES: web.AppKey[list[Verifier]] = web.AppKey("audit_witnesses")
 CLOCK: web.AppKey[Any] = web.AppKey("audit_clock")
 
 T = TypeVar("T")
@@ -144,8 +157,53 @@ async def readyz(request: web.Request) -> web.Response:
 async def checkpoint(request: web.Request) -> web.Response:
     principal(request)
     view = _view(request)
-    return web.Response(body=view.checkpoint, content_type="text/plain", charset="utf-8",
+    size = _opt_int(request, "size")
+    body = view.checkpoint
+    if size is not None and size != view.size:
+        found = await asyncio.to_thread(request.app[INDEX].checkpoint_at, _size(request, view))
+        if found is None:
+            raise NotFound(f"the log signed no checkpoint of size {size}")
+        body = found
+    return web.Response(body=body, content_type="text/plain", charset="utf-8",
                         headers={"Cache-Control": "no-cache"})  # fmt: skip
+
+
+async def cosignature(request: web.Request) -> web.Response:
+    """Accept witness cosignatures of a checkpoint this log signed (see the module docstring)."""
+    principal(request)
+    view = _view(request)
+    if request.content_length is not None and request.content_length > note.MAX_NOTE_BYTES:
+        raise PayloadTooLarge(f"a cosigned checkpoint is at most {note.MAX_NOTE_BYTES} bytes")
+    body = await request.content.read(note.MAX_NOTE_BYTES + 1)
+    if len(body) > note.MAX_NOTE_BYTES:
+        raise PayloadTooLarge(f"a cosigned checkpoint is at most {note.MAX_NOTE_BYTES} bytes")
+    log_key, witnesses = request.app[LOG_KEY], request.app[WITNESSES]
+    parsed, verified = note.open_note(body, [log_key, *witnesses])
+    cp = Checkpoint.parse(parsed.text)
+    if cp.origin != log_key.name or not any(s.name == log_key.name and s.key_id == log_key.key_id for s in verified):
+        raise Forbidden("not a checkpoint signed by this log")
+    ids = {(w.name, w.key_id) for w in witnesses}
+    cosigs = [s for s in verified if (s.name, s.key_id) in ids]
+    if not cosigs:
+        raise Forbidden("no cosignature by a witness this log is configured to accept")
+    if cp.size > view.size:
+        raise NotFound(f"size {cp.size} is beyond the latest checkpoint (size {view.size})")
+    signed = await asyncio.to_thread(request.app[INDEX].checkpoint_at, cp.size)
+    if signed is None:
+        raise NotFound(f"the log signed no checkpoint of size {cp.size}")
+    if note.parse(signed).text != parsed.text:
+        raise Conflict(f"this log signed another checkpoint of size {cp.size}")
+    updated = await asyncio.to_thread(request.app[INDEX].add_cosignatures, cp.size, cosigs)
+    if updated is not None:
+        await request.app[INTEGRATOR].attach_cosignatures(cp.size, updated)
+    return web.json_response({"size": cp.size, "witnesses": sorted({s.name for s in cosigs})})
+
+
+async def cosigned(request: web.Request) -> web.Response:
+    principal(request)
+    _view(request)
+    rows = await asyncio.to_thread(request.app[INDEX].cosigned, 100)
+    return web.json_response({"checkpoints": [{"size": size, "witnesses": names} for size, names in rows]})
 
 
 def _covered(tile: Tile, size: int) -> bool:
@@ -317,6 +375,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/log/checkpoint", checkpoint)
+    app.router.add_post("/v1/log/cosignature", cosignature)
+    app.router.add_get("/v1/log/cosigned", cosigned)
     app.router.add_get("/v1/log/tile/{path:.+}", tile)
     app.router.add_get("/v1/log/entries", entries)
     app.router.add_get("/v1/log/entries/{entry_id}", entry)

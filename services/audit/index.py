@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from services.audit import note
 from services.audit.log import IndexedEntry, Integration
 from services.shared.errors import StoreUnavailable
 
@@ -37,6 +38,10 @@ CREATE TABLE IF NOT EXISTS state (
     dead_letters INTEGER NOT NULL, duplicates INTEGER NOT NULL, signed_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS checkpoints (size INTEGER PRIMARY KEY, note BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS cosignatures (
+    size INTEGER NOT NULL, name TEXT NOT NULL, key_id INTEGER NOT NULL, signature BLOB NOT NULL,
+    PRIMARY KEY (size, name, key_id)
+);
 """
 _COLUMNS = "idx, entry_id, office, item_id, decision, at_us, action, jurisdiction, kafka_offset"
 
@@ -83,6 +88,10 @@ class LogIndex(Protocol):
 
     def checkpoint_at(self, size: int) -> bytes | None: ...
 
+    def add_cosignatures(self, size: int, signatures: Sequence[note.Signature]) -> bytes | None: ...
+
+    def cosigned(self, limit: int) -> list[tuple[int, list[str]]]: ...
+
     def close(self) -> None: ...
 
 
@@ -128,8 +137,7 @@ class SqliteIndex:
             ).fetchone()
             if row is None:
                 return None
-            note = db.execute("SELECT note FROM checkpoints WHERE size = ?", (row[0],)).fetchone()
-        return LogState(row[0], row[1], row[2], row[3], row[4], None if note is None else bytes(note[0]), row[5])
+        return LogState(row[0], row[1], row[2], row[3], row[4], self.checkpoint_at(row[0]), row[5])
 
     def known(self, entry_ids: list[str]) -> set[str]:
         found: set[str] = set()
@@ -208,9 +216,46 @@ class SqliteIndex:
         return None if row is None else _row(row)
 
     def checkpoint_at(self, size: int) -> bytes | None:
+        """The checkpoint the log signed at ``size``, carrying every cosignature it accepted for it."""
         with self._reading() as db:
             row = db.execute("SELECT note FROM checkpoints WHERE size = ?", (size,)).fetchone()
-        return None if row is None else bytes(row[0])
+            cosigs = db.execute("SELECT name, key_id, signature FROM cosignatures WHERE size = ? ORDER BY name, key_id",
+                                (size,)).fetchall()  # fmt: skip
+        if row is None:
+            return None
+        signed = bytes(row[0])
+        if not cosigs:
+            return signed
+        return note.with_signatures(signed, [note.Signature(n, int(k), bytes(d)) for n, k, d in cosigs])
+
+    def add_cosignatures(self, size: int, signatures: Sequence[note.Signature]) -> bytes | None:
+        """Keep verified witness cosignatures of the checkpoint of ``size`` (a witness's newer one replaces its
+        older one); returns that checkpoint with all of them, or None if the log signed none of that size.
+
+        Raises: StoreUnavailable."""
+        with self._write_lock:
+            try:
+                self._writer.execute("BEGIN IMMEDIATE")
+                if self._writer.execute("SELECT 1 FROM checkpoints WHERE size = ?", (size,)).fetchone() is None:
+                    self._writer.execute("ROLLBACK")
+                    return None
+                self._writer.executemany(
+                    "INSERT OR REPLACE INTO cosignatures (size, name, key_id, signature) VALUES (?, ?, ?, ?)",
+                    [(size, s.name, s.key_id, s.data) for s in signatures],
+                )
+                self._writer.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._writer.in_transaction:
+                    self._writer.execute("ROLLBACK")
+                raise StoreUnavailable(f"the audit index could not keep a cosignature: {exc}") from exc
+        return self.checkpoint_at(size)
+
+    def cosigned(self, limit: int) -> list[tuple[int, list[str]]]:
+        """The newest ``limit`` sizes that carry cosignatures, with the names of the witnesses that cosigned."""
+        with self._reading() as db:
+            rows = db.execute("SELECT size, group_concat(name, char(10)) FROM cosignatures GROUP BY size "
+                              "ORDER BY size DESC LIMIT ?", (limit,)).fetchall()  # fmt: skip
+        return [(int(size), sorted(set(str(names).split("\n")))) for size, names in rows]
 
     def close(self) -> None:
         self._writer.close()

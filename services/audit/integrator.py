@@ -1,4 +1,4 @@
-"""The audit service's write path: follow ``hub.audit``, integrate, store, commit, publish — one batch at a time.
+"""The audit service's write path: follow ``hub.audit``, integrate, store, commit, publish — one fetch at a time.
 
 Owns the order of the durable steps of one integration, which is the crash-consistency argument
 (docs/architecture.md):
@@ -11,6 +11,10 @@ Owns the order of the durable steps of one integration, which is the crash-consi
 4. commit rows + state + next offset + checkpoint in one SQLite transaction — the commit point;
 5. copy the checkpoint to the served ``checkpoint`` file, and only then show it to readers; delete the partial
    versions of tiles that became full.
+
+Decoding a fetch (every entry checked to be an ``AuditEntry``) needs no tree state, so the next fetch is decoded
+while the previous integration goes through these steps; the steps of one integration start only after the
+previous one committed.
 
 A store failure (a full disk) before 4 commits nothing: the integrator says why in :attr:`Integrator.stalled`
 (``/readyz`` fails), keeps the fetched records and retries the same integration until it succeeds. Kafka errors
@@ -29,7 +33,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from services.audit.index import LogIndex
-from services.audit.log import Integration, Record, Sequencer
+from services.audit.log import Decoded, Integration, Record, Sequencer
 from services.audit.tiles import TILE_WIDTH, Tile
 from services.audit.tilestore import TileStore
 from services.shared.errors import KafkaUnavailable, NotFound, StoreUnavailable
@@ -73,28 +77,50 @@ class Integrator:
         self._checkpoint_file_stale = False
 
     async def run(self) -> None:
-        """Follow the partition until cancelled.
+        """Follow the partition until cancelled. One integration may be committing while the next fetch is
+        decoded (decoding needs no tree state; the commit releases the interpreter lock while SQLite and fsync
+        work): the durable steps of each integration keep their order, and one starts only after the previous
+        one committed.
 
         Raises:
             KafkaUnavailable: fetching or dead-lettering failed (the service fails loudly).
         """
-        while True:
-            try:
-                fetched = await self._consumer.getmany(self._tp, timeout_ms=200, max_records=self._max_records)
-            except KafkaError as exc:
-                raise KafkaUnavailable(f"could not read {self._tp.topic}: {exc}") from exc
-            records = [Record(r.offset, r.value) for r in fetched.get(self._tp, [])]
-            if records:
-                await self.integrate(records)
-            elif self._clock() - self.view.signed_at >= self._interval:
-                await self._confirm()
+        pending: asyncio.Task[None] | None = None
+        after = self._sequencer.next_offset
+        try:
+            while True:
+                try:
+                    fetched = await self._consumer.getmany(self._tp, timeout_ms=200, max_records=self._max_records)
+                except KafkaError as exc:
+                    raise KafkaUnavailable(f"could not read {self._tp.topic}: {exc}") from exc
+                records = [Record(r.offset, r.value) for r in fetched.get(self._tp, [])]
+                if records:
+                    decoded = await asyncio.to_thread(self._sequencer.decode, records, after=after)
+                    after = decoded.next_offset
+                    if pending is not None:
+                        await pending
+                    pending = asyncio.create_task(self.integrate_decoded(decoded), name="audit-integration")
+                elif pending is not None:
+                    await pending
+                    pending = None
+                elif self._clock() - self.view.signed_at >= self._interval:
+                    await self._confirm()
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+            if pending is not None:
+                await asyncio.gather(pending, return_exceptions=True)
 
     async def integrate(self, records: list[Record]) -> None:
-        """Integrate ``records`` durably, retrying store failures (with a bounded back-off) until it succeeds."""
+        """Integrate ``records`` durably (see :meth:`integrate_decoded`)."""
+        await self.integrate_decoded(self._sequencer.decode(records, after=self._sequencer.next_offset))
+
+    async def integrate_decoded(self, decoded: Decoded) -> None:
+        """Integrate decoded records durably, retrying store failures (with a bounded back-off) until it succeeds."""
         delay = 0.1
         while True:
             try:
-                await self._integrate_once(records)
+                await self._integrate_once(decoded)
                 if self.stalled is not None:
                     log.warning("audit integration resumed at size %d", self.view.size)
                 self.stalled = None
@@ -106,8 +132,8 @@ class Integrator:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _integrate_once(self, records: list[Record]) -> None:
-        integration: Integration = await asyncio.to_thread(self._prepare, records)
+    async def _integrate_once(self, decoded: Decoded) -> None:
+        integration: Integration = await asyncio.to_thread(self._prepare, decoded)
         for dead in integration.dead_letters:
             await self._dead_letter(dead.offset, dead.value, dead.reason)
         signed_at = self._clock()
@@ -128,6 +154,15 @@ class Integrator:
         if full:
             await asyncio.to_thread(self._tiles.prune_partials, full)
 
+    async def attach_cosignatures(self, size: int, checkpoint: bytes) -> None:
+        """Serve ``checkpoint`` (the committed one of ``size``, now carrying witness cosignatures) if it is still
+        the latest; an older one is served only when asked for by size."""
+        view = self.view
+        if view.size != size:
+            return
+        self.view = LogView(view.size, view.root, checkpoint, view.signed_at, view.dead_letters, view.duplicates)
+        await self._publish_checkpoint()
+
     async def _publish_checkpoint(self) -> None:
         """Copy the committed checkpoint to the served file; on failure the next round tries again (the API
         serves the committed checkpoint from memory meanwhile)."""
@@ -138,7 +173,7 @@ class Integrator:
             log.error("the checkpoint file is stale: %s", exc.detail)
             self._checkpoint_file_stale = True
 
-    def _prepare(self, records: list[Record]) -> Integration:
+    def _prepare(self, decoded: Decoded) -> Integration:
         """Steps 1 and 2, in a worker thread."""
 
         def read(tile: Tile) -> bytes:
@@ -147,7 +182,7 @@ class Integrator:
             except NotFound as exc:
                 raise StoreUnavailable(f"a committed tile is missing: {exc.detail}") from exc
 
-        integration = self._sequencer.integrate(records, known=self._index.known, read_tile=read)
+        integration = self._sequencer.sequence(decoded, known=self._index.known, read_tile=read)
         self._tiles.write(integration.writes)
         return integration
 

@@ -129,12 +129,52 @@ def micros(value: Any) -> int:
 
 
 def index_fields(index: int, fields: Mapping[str, Any], offset: int) -> IndexedEntry:
+    return IndexedEntry(index, fields["entry_id"], *_columns(fields), offset)
+
+
+_Columns = tuple[str, str | None, str, int, str, str]
+
+
+def _columns(fields: Mapping[str, Any]) -> _Columns:
+    """What the index keeps of a decoded entry besides its id (office, item, decision, time, action, jurisdiction)."""
     item = fields.get("item")
-    return IndexedEntry(
-        index=index, entry_id=fields["entry_id"], office=fields["office"],
-        item_id=item["item_id"] if item else None, decision=str(fields["decision"]), at_us=micros(fields["at"]),
-        action=fields["action"], jurisdiction=fields["jurisdiction"], offset=offset,
-    )  # fmt: skip
+    return (fields["office"], item["item_id"] if item else None, str(fields["decision"]), micros(fields["at"]),
+            fields["action"], fields["jurisdiction"])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Records decoded and checked, before sequencing: each entry's offset, exact bytes, id and indexed columns
+    (only those: the decoded records are dropped at once — keeping an integration's worth of nested dicts alive cost
+    more in garbage collection than decoding them), the dead letters, and the offsets covered."""
+
+    after: int  # records below this offset were skipped (already integrated)
+    next_offset: int
+    entries: list[tuple[int, bytes, str, _Columns]]
+    dead: list[DeadLetter]
+
+
+def decode(codec: AvroCodec, records: Sequence[Record], *, after: int) -> Decoded:
+    """Decode ``records`` (in offset order), skipping those below offset ``after``: every entry of every batch is
+    checked to be an ``AuditEntry``; a record that is not an audit batch becomes a dead letter with its reason.
+    Needs no tree state, so the next fetch can be decoded while the previous integration commits."""
+    next_offset = after
+    dead: list[DeadLetter] = []
+    entries: list[tuple[int, bytes, str, _Columns]] = []
+    for record in records:
+        if record.offset < next_offset:
+            continue
+        next_offset = record.offset + 1
+        if record.value is None:
+            dead.append(DeadLetter(record.offset, b"", "a record without a value"))
+            continue
+        try:
+            _, _, decoded = audit_records.decode_batch_entries(codec, record.value)
+        except (DecodeError, PayloadTooLarge) as exc:
+            dead.append(DeadLetter(record.offset, record.value, exc.detail))
+            continue
+        entries += [(record.offset, raw, fields["entry_id"], _columns(fields)) for raw, fields in decoded]
+    return Decoded(after, next_offset, entries, dead)
 
 
 class Sequencer:
@@ -158,6 +198,11 @@ class Sequencer:
     def root(self) -> bytes:
         return self._tree.root()
 
+    def decode(self, records: Sequence[Record], *, after: int) -> Decoded:
+        """:func:`decode` with this log's codec (``after``: the offset the previous, maybe uncommitted, fetch
+        ended at)."""
+        return decode(self._codec, records, after=after)
+
     def integrate(
         self, records: Sequence[Record], *, known: Callable[[list[str]], set[str]], read_tile: Callable[[Tile], bytes]
     ) -> Integration:
@@ -167,32 +212,30 @@ class Sequencer:
             Conflict: the checkpoint for the new tree would not be consistent with the last one signed.
             InvalidProof: a stored tile needed for that check is missing or malformed.
         """
-        start, next_offset = self._tree.size, self._next_offset
-        dead: list[DeadLetter] = []
-        decoded: list[tuple[int, bytes, dict[str, Any]]] = []
-        for record in records:
-            if record.offset < next_offset:
-                continue
-            next_offset = record.offset + 1
-            if record.value is None:
-                dead.append(DeadLetter(record.offset, b"", "a record without a value"))
-                continue
-            try:
-                _, _, entries = audit_records.decode_batch_entries(self._codec, record.value)
-            except (DecodeError, PayloadTooLarge) as exc:
-                dead.append(DeadLetter(record.offset, record.value, exc.detail))
-                continue
-            decoded += [(record.offset, raw, fields) for raw, fields in entries]
-        seen = known(sorted({fields["entry_id"] for _, _, fields in decoded}))
+        return self.sequence(decode(self._codec, records, after=self._next_offset), known=known, read_tile=read_tile)
+
+    def sequence(
+        self, decoded: Decoded, *, known: Callable[[list[str]], set[str]], read_tile: Callable[[Tile], bytes]
+    ) -> Integration:
+        """The integration of records already decoded (:func:`decode`) on top of the committed tree.
+
+        Raises:
+            Conflict, InvalidProof: as :meth:`integrate`; Conflict also if ``decoded`` does not follow the
+                committed offset (records skipped or taken twice).
+        """
+        if decoded.after != self._next_offset:
+            raise Conflict(f"records decoded after offset {decoded.after} do not follow offset {self._next_offset}")
+        start = self._tree.size
+        seen = known(sorted({entry_id for _, _, entry_id, _ in decoded.entries}))
         leaves: list[bytes] = []
         rows: list[IndexedEntry] = []
         duplicates = 0
-        for offset, raw, fields in decoded:
-            if fields["entry_id"] in seen:
+        for offset, raw, entry_id, columns in decoded.entries:
+            if entry_id in seen:
                 duplicates += 1
                 continue
-            seen.add(fields["entry_id"])
-            rows.append(index_fields(start + len(leaves), fields, offset))
+            seen.add(entry_id)
+            rows.append(IndexedEntry(start + len(leaves), entry_id, *columns, offset))
             leaves.append(raw)
         tree = self._tree.copy()
         writes = tree.append(leaves)
@@ -200,7 +243,8 @@ class Sequencer:
         pending = {w.tile: w.data for w in writes}
         reader = TileNodeReader(tree.size, lambda t: pending[t] if t in pending else read_tile(t))
         signed = self._signer.sign(checkpoint, reader)
-        return Integration(start, checkpoint, signed, next_offset, rows, writes, dead, duplicates, tree)
+        return Integration(start, checkpoint, signed, decoded.next_offset, rows, writes, list(decoded.dead), duplicates,
+                           tree)  # fmt: skip
 
     def adopt(self, integration: Integration) -> None:
         """Make a committed integration the log's state.

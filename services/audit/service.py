@@ -26,7 +26,7 @@ from services.audit.checkpoint import Checkpoint
 from services.audit.index import LogIndex, SqliteIndex
 from services.audit.integrator import Integrator, LogView
 from services.audit.log import CheckpointSigner, Sequencer
-from services.audit.note import NoteSigner
+from services.audit.note import NoteSigner, Verifier
 from services.audit.settings import AuditSettings
 from services.audit.tiles import TILE_HEIGHT, TILE_WIDTH, Tile, TiledTree, TileNodeReader
 from services.audit.tilestore import PosixTileStore, TileStore
@@ -114,6 +114,9 @@ def create_app(
     app[api.SETTINGS] = settings
     app[api.CLOCK] = wall
     app[api.FAILURE] = []
+    app[api.LOG_KEY] = signer.verifier()
+    witnesses: list[Verifier] = list(settings.witnesses())
+    app[api.WITNESSES] = witnesses
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         specs = {s.name: s for s in hub_topics([])}

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.audit.note import NoteSigner, check_name
+from services.audit.note import CosignatureVerifier, NoteSigner, check_name, parse_vkey
 from services.shared.errors import ConfigurationError, EvidenceHubError
 from services.shared.kafka import AUDIT_TOPIC, DEAD_LETTER_TOPIC
 from services.shared.keys import SigningKey
@@ -34,6 +34,8 @@ class AuditSettings(ServerTLS, BaseSettings):
     max_records: int = Field(default=2000, ge=1, le=100_000, description="hub.audit records per integration")
     fetch_max_bytes: int = Field(default=16 << 20, ge=1 << 20)
     page_limit: int = Field(default=1000, ge=1, le=10_000, description="most entries in one query answer")
+    witness_keys: list[str] = Field(default_factory=list, description="cosignature/v1 verifier keys (JSON list) of "
+                                    "the witnesses whose cosignatures the log accepts and serves")  # fmt: skip
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 
     @field_validator("origin")
@@ -43,6 +45,22 @@ class AuditSettings(ServerTLS, BaseSettings):
             return check_name(value)
         except EvidenceHubError as exc:
             raise ValueError(exc.detail) from exc
+
+    @field_validator("witness_keys")
+    @classmethod
+    def _witness_keys_are_cosigners(cls, value: list[str]) -> list[str]:
+        for text in value:
+            try:
+                verifier = parse_vkey(text)
+            except EvidenceHubError as exc:
+                raise ValueError(f"{text[:60]!r}: {exc.detail}") from exc
+            if not isinstance(verifier, CosignatureVerifier):
+                raise ValueError(f"{text[:60]!r} is not a cosignature/v1 (type 0x04) verifier key")
+        return value
+
+    def witnesses(self) -> list[CosignatureVerifier]:
+        """The witnesses whose cosignatures the log accepts (validated at load)."""
+        return [v for v in map(parse_vkey, self.witness_keys) if isinstance(v, CosignatureVerifier)]
 
     @property
     def tiles_root(self) -> Path:

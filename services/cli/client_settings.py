@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.shared.errors import ConfigurationError
@@ -14,6 +15,9 @@ class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EVHUB_CLIENT_", extra="ignore")
 
     url: str = "https://127.0.0.1:8443"
+    #: ``evhub audit``: the audit service, and where what an auditor or witness verified is remembered.
+    audit_url: str = "https://127.0.0.1:8083"
+    state_dir: Path = Field(default_factory=lambda: Path.home() / ".local" / "state" / "evhub")
     cert: Path | None = None
     key: Path | None = None
     ca: Path | None = None

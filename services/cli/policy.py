@@ -92,27 +92,33 @@ def register(sub: Any) -> None:
     explain.set_defaults(handler=run_explain)
 
 
-def _bootstrap() -> str:
-    bootstrap = KafkaSettings().bootstrap
-    if not bootstrap:
+def bootstrap() -> str:
+    """Raises: ConfigurationError without ``EVHUB_KAFKA_BOOTSTRAP``."""
+    found = KafkaSettings().bootstrap
+    if not found:
         raise ConfigurationError("set EVHUB_KAFKA_BOOTSTRAP to the cluster holding hub.policy")
-    return bootstrap
+    return found
 
 
-def _empty_store(args: argparse.Namespace) -> PolicyStore:
-    """A store trusting exactly the policy-admin keys a policy service configured like this shell would trust.
+def trusted_store(trust: list[Path]) -> PolicyStore:
+    """An empty store trusting exactly the policy-admin keys a policy service configured like this shell would
+    trust: ``trust`` (``--trust``) and ``EVHUB_POLICY_ADMIN_KEYS``, with the same clock-skew allowance.
 
     Raises:
         ConfigurationError: no key named (``--trust`` or ``EVHUB_POLICY_ADMIN_KEYS``), or one unusable.
     """
     settings = PolicySettings()
-    paths: list[Path] = [*args.trust, *settings.admin_keys]
+    paths: list[Path] = [*trust, *settings.admin_keys]
     keys = read_public_keys(paths, what="trusted policy-admin key", env="--trust or EVHUB_POLICY_ADMIN_KEYS")
     return PolicyStore(trusted=trusted_keys(keys), max_clock_skew=settings.max_clock_skew)
 
 
+def _empty_store(args: argparse.Namespace) -> PolicyStore:
+    return trusted_store(args.trust)
+
+
 async def _store(args: argparse.Namespace) -> PolicyStore:
-    return await load_store(_bootstrap(), _empty_store(args), topic=args.topic)
+    return await load_store(bootstrap(), _empty_store(args), topic=args.topic)
 
 
 def _check(args: argparse.Namespace, *, consequence: str) -> PolicyPack:
@@ -153,7 +159,7 @@ async def run_push(args: argparse.Namespace) -> int:
     # The service's own check of the exact bytes about to be published: trusted admin keys, Cedar, ordering, and
     # not back-dated (the record is appended now). Nothing is published if it fails.
     store.check_record(signed.to_record(), appended_at=datetime.now(UTC))
-    where = await publish_version(_bootstrap(), signed, topic=args.topic, kafka=KafkaSettings())
+    where = await publish_version(bootstrap(), signed, topic=args.topic, kafka=KafkaSettings())
     accepted = (await _store(args)).history()  # what every reader now holds, with the broker's timestamp
     if signed.content_hash not in {v.content_hash for v in accepted}:
         raise PolicyError(f"{signed.content_hash} was published ({where}) but readers refuse it; see evhub policy"

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -97,7 +97,7 @@ def _hash_file(path: Path) -> tuple[str, int, bytes]:
     return digest.hexdigest(), size, head
 
 
-async def _file_chunks(path: Path, advance: Callable[[int], None]) -> AsyncIterator[bytes]:
+async def _file_chunks(path: Path, advance: Callable[[int], None]) -> AsyncGenerator[bytes, None]:
     with path.open("rb") as f:
         while chunk := await asyncio.to_thread(f.read, CHUNK):
             advance(len(chunk))
@@ -135,7 +135,8 @@ async def publish_one(
     form = aiohttp.FormData()
     form.add_field("metadata", entry.metadata.model_dump_json(exclude_none=True), content_type="application/json")
     # The name the manifest check accepted (services.shared.filenames), never the raw name on disk.
-    form.add_field("file", _file_chunks(entry.path, advance), filename=entry.metadata.file_name,
+    chunks = _file_chunks(entry.path, advance)
+    form.add_field("file", chunks, filename=entry.metadata.file_name,
                    content_type="application/octet-stream")  # fmt: skip
     headers = {
         "Idempotency-Key": f"evhub-publish:{entry.metadata.item_id}:{sha}",
@@ -155,6 +156,8 @@ async def publish_one(
         outcome.error = f"the upload was interrupted: {exc.__class__.__name__}: {exc}"
         outcome.retriable = True
         return outcome
+    finally:
+        await chunks.aclose()  # the server may stop reading mid-file (refused, shutting down): close the file now
     if body.get("sha256") != sha:  # the file changed between hashing and upload: don't record a wrong digest
         got = str(body.get("sha256"))[:12]
         outcome.error = f"the file changed while it was sent (hashed {sha[:12]}…, the publisher got {got}…)"

@@ -235,8 +235,29 @@ class PolicyEngine:
     def decide(self, office_id: str, action: str, item: Resource, at: datetime, purpose: str | None = None) -> Decision:
         """May ``office_id`` do ``action`` to ``item`` at ``at`` (for ``purpose``)? Unknown office, action or
         no version in force → deny. A naive ``at`` raises ValidationFailed (a caller bug, not a denial)."""
+        _second(at)  # a naive time is refused before it is compared with the versions' moments
+        return self._decide(self.store.in_force(at), office_id, action, item, at, purpose)
+
+    def decide_under(
+        self, content_hash: str, office_id: str, action: str, item: Resource, at: datetime, purpose: str | None = None
+    ) -> Decision:
+        """The decision the accepted version ``content_hash`` gives at ``at``, whether or not it was in force then:
+        what an auditor's replay re-decides a recorded decision with (the version the record names). Cached like
+        :meth:`decide`.
+
+        Raises:
+            NotFound: no accepted version has exactly that hash.
+        """
+        compiled = self.store.get(content_hash)
+        if compiled.content_hash != content_hash:  # ``get`` also matches a prefix; a record names the whole hash
+            raise NotFound(f"no policy version {content_hash}")
+        return self._decide(compiled, office_id, action, item, at, purpose)
+
+    def _decide(
+        self, compiled: CompiledPolicy | None, office_id: str, action: str, item: Resource, at: datetime,
+        purpose: str | None,
+    ) -> Decision:  # fmt: skip
         now = _second(at)
-        compiled = self.store.in_force(at)  # the exact moment picks the version; Cedar sees whole seconds
         key_item = item.policy_key() if isinstance(item, ItemAttributes) else ("feed", item.jurisdiction)
         key = (None if compiled is None else compiled.content_hash, office_id, action, key_item, purpose,
                _time_key(compiled, item, now))  # fmt: skip

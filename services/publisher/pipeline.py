@@ -3,16 +3,19 @@ per request.
 
 Owns: idempotency (the same ``Idempotency-Key`` — or, without one, the same item id and content digest — returns
 the original result and never creates a second event), versioning (corrections and withdrawals), per-(key, topic)
-sequence numbers, and delivery with per-jurisdiction results. A publication whose delivery failed for some
-jurisdictions reports exactly which (:class:`PartialDelivery`); repeating the request, or the outbox relay,
-delivers the rest from the same stored envelopes — never re-signed, never duplicated as a new event.
+sequence numbers, and per-jurisdiction results. A publication whose delivery failed for some jurisdictions reports
+exactly which (:class:`PartialDelivery`); repeating the request, or the outbox relay, delivers the rest from the
+same stored envelopes — never re-signed, never duplicated as a new event.
+
+Does not own: getting envelopes into Kafka (a :class:`Deliverer`, ``outbox.Outbox`` in the service), which also
+says whether a sequence number may be signed on a topic at all — it may not until what the key already signed
+there has been established from Kafka.
 
 The HTTP shell (``service.py``), ``evhub`` and ``bench/`` all publish through :class:`EvidencePublisher`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -20,11 +23,12 @@ import secrets
 import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from services.publisher import core, state
+from services.publisher.outbox import Delivery
 from services.shared.avro import AvroCodec
 from services.shared.envelope import MAX_ENVELOPE_BYTES, seal
 from services.shared.errors import Conflict, KafkaUnavailable, NotFound, PayloadTooLarge, UntrustedKey, ValidationFailed
@@ -38,8 +42,22 @@ log = logging.getLogger(__name__)
 RECORD_OVERHEAD = 16 * 1024
 
 
-class Producer(Protocol):
-    async def send(self, topic: str, value: bytes, *, key: bytes) -> asyncio.Future[Any]: ...
+class Deliverer(Protocol):
+    async def deliver(self, rows: Sequence[state.OutboxRow]) -> list[Delivery]:
+        """Deliver outbox rows; wait at most a bounded time; one result per row, in order."""
+        ...
+
+    def may_sign(self, topic: str, sequence: int) -> None:
+        """Raises (KafkaUnavailable, StateRefused) unless ``sequence`` may be signed on ``topic`` now."""
+        ...
+
+    def refuse_when(self, gate: Callable[[state.OutboxRow], str | None]) -> None:
+        """Never send an envelope for which ``gate`` gives a reason (checked just before sending)."""
+        ...
+
+    def begin_shutdown(self) -> None:
+        """Waiting callers of :meth:`deliver` are answered now."""
+        ...
 
 
 class Clock(Protocol):
@@ -56,21 +74,6 @@ class ContentInfo:
     size: int
     media_type: str
     file_name: str
-
-
-@dataclass(frozen=True)
-class Delivery:
-    jurisdiction: str
-    topic: str
-    sequence: int
-    partition: int | None
-    offset: int | None
-    error: str | None = None
-    sent_now: bool = field(default=False, compare=False)  # acknowledged by this call (not earlier)
-
-    @property
-    def delivered(self) -> bool:
-        return self.offset is not None
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ class PartialDelivery(KafkaUnavailable):
 class EvidencePublisher:
     codec: AvroCodec
     signer: SigningKey
-    producer: Producer
+    outbox: Deliverer
     committer: state.GroupCommitter
     organisation: str
     jurisdictions: Sequence[str]
@@ -130,11 +133,19 @@ class EvidencePublisher:
     clock: Clock = utc_now
     #: Randomness for salts and event ids, drawn once per request (one getrandom call, not one per value).
     entropy: Callable[[int], bytes] = secrets.token_bytes
-    #: Events being sent right now, by a request or by the relay: the other waits instead of sending them twice.
-    _sending: dict[str, asyncio.Event] = field(default_factory=dict, init=False, repr=False)
-    _enqueue: dict[str, asyncio.Lock] = field(default_factory=dict, init=False, repr=False)
-    #: Acknowledged (event id, jurisdiction) → (partition, offset, at) not yet written to the outbox.
-    _marks: dict[tuple[str, str], tuple[int, int, str]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.outbox.refuse_when(self._refusal)
+
+    def _refusal(self, row: state.OutboxRow) -> str | None:
+        """Why receivers would refuse this envelope now (its key revoked before its sequence number), or None."""
+        if self.registry is None:
+            return None
+        try:
+            self.registry.resolve(row.key_id, sequence=row.sequence, topic=row.topic)
+        except UntrustedKey as exc:
+            return exc.detail
+        return None
 
     async def publish(
         self, meta: core.EvidenceMetadata, content: ContentInfo, *, idempotency_key: str | None = None
@@ -164,18 +175,30 @@ class EvidencePublisher:
             )
         return await self._version(meta, content, idempotency_key, correction_of=item_id)
 
+    async def precheck(
+        self, meta: core.EvidenceMetadata, sha256: str, *, idempotency_key: str | None, correction_of: str | None
+    ) -> None:
+        """Refuse a request that publishing would refuse, before its upload is kept: nothing is signed or written.
+
+        Raises: as :meth:`publish` / :meth:`correct` would for these metadata and content (ValidationFailed,
+        Conflict, NotFound), and UntrustedKey.
+        """
+        core.check_jurisdictions(meta, self.jurisdictions)
+        if correction_of is not None and not idempotency_key:
+            raise ValidationFailed(
+                "a correction needs an Idempotency-Key header",
+                errors=[{"field": "Idempotency-Key", "message": "required for corrections"}],
+            )
+        self._may_sign()
+        key, fingerprint, reused = _identity(meta, sha256, idempotency_key, correction_of)
+        await self.committer.run(lambda conn: _plan(conn, meta, sha256, key, fingerprint, reused, correction_of))
+
     async def _version(
         self, meta: core.EvidenceMetadata, content: ContentInfo, idempotency_key: str | None, correction_of: str | None
     ) -> PublishResult:
         core.check_jurisdictions(meta, self.jurisdictions)
         operation = "correct" if correction_of else "publish"
-        # The operation is part of what a key stands for: a publish's key reused for a correction is a conflict.
-        fingerprint = f"{operation}:{core.request_fingerprint(meta, content.sha256)}"
-        # Without a key, a publication is identified by its item id and content digest.
-        key, reused = _idempotency(
-            idempotency_key, f"publish:{meta.item_id}:{content.sha256}",
-            f"item {meta.item_id} was already published with this file and other metadata; send a correction",
-        )  # fmt: skip
+        key, fingerprint, reused = _identity(meta, content.sha256, idempotency_key, correction_of)
         now = self._may_sign()
         random = self.entropy(16 * (len(meta.protected) + 1))
         event_id = str(uuid.UUID(bytes=random[:16], version=4))
@@ -184,28 +207,10 @@ class EvidencePublisher:
                       "file_name": content.file_name}  # fmt: skip
 
         def unit(conn: sqlite3.Connection) -> tuple[str, int, bool]:
-            done = _replay(conn, key, fingerprint, reused)
-            if done is not None:
-                return done
-            existing = state.item(conn, meta.item_id)
-            version, replaces = 1, None
-            if correction_of is None and existing is not None:
-                original = state.original_publication(conn, meta.item_id)
-                if original is not None and original["fingerprint"] == fingerprint:  # same item, same content
-                    return original["event_id"], original["version"], True
-                raise Conflict(f"item {meta.item_id} is already published; send a correction to change it")
-            if correction_of is not None:
-                if existing is None:
-                    raise NotFound(f"no item {correction_of}")
-                if existing["withdrawn_at"] is not None:
-                    raise Conflict(f"item {correction_of} was withdrawn")
-                left_out = sorted(set(_jurisdictions(existing)) - set(meta.jurisdictions))
-                if left_out:
-                    raise Conflict(
-                        f"a correction must reach every jurisdiction the item was published to; "
-                        f"{', '.join(left_out)} would keep version {existing['latest_version']} as current"
-                    )
-                version, replaces = existing["latest_version"] + 1, existing["latest_event_id"]
+            plan = _plan(conn, meta, content.sha256, key, fingerprint, reused, correction_of)
+            if isinstance(plan, tuple):
+                return plan
+            existing, version, replaces = plan.existing, plan.version, plan.replaces
             events, disclosures = core.build_events(
                 meta, event_id=event_id, version=version, replaces_event_id=replaces,
                 organisation=self.organisation, key_id=self.signer.key_id, content=[descriptor],
@@ -223,6 +228,10 @@ class EvidencePublisher:
 
         eid, version, replayed, rows = await self.committer.run(_with_outbox(unit))
         return await self._deliver_event(operation, eid, meta.item_id, version, replayed, rows, content)
+
+    async def references(self, sha256: str) -> bool:
+        """Whether any version of any item was published with this content."""
+        return await self.committer.run(lambda conn: state.content_referenced(conn, sha256))
 
     async def withdraw(self, item_id: str, reason: str, *, idempotency_key: str | None = None) -> PublishResult:
         """Withdraw every version of ``item_id`` from every jurisdiction it was published to.
@@ -274,6 +283,7 @@ class EvidencePublisher:
         for jurisdiction, record in records.items():
             topic = evidence_topic(jurisdiction)
             sequence = state.next_sequence(conn, self.signer.key_id, topic)
+            self.outbox.may_sign(topic, sequence)  # never at or below what Kafka holds of this key
             envelope = seal(self.codec, schema=schema, record=record, topic=topic, signer=self.signer,
                             sequence=sequence, disclosures=disclosures)  # fmt: skip
             if len(envelope) > MAX_ENVELOPE_BYTES - RECORD_OVERHEAD:  # never commit what can't be sent or verified
@@ -293,85 +303,28 @@ class EvidencePublisher:
 
     async def _deliver_event(self, operation: str, event_id: str, item_id: str, version: int, replayed: bool,
                              rows: list[state.OutboxRow], content: ContentInfo | None) -> PublishResult:  # fmt: skip
-        deliveries = await self._deliver_exclusively(event_id, rows)
+        deliveries = await self.outbox.deliver(rows)
         result = PublishResult(operation, event_id, item_id, version, tuple(deliveries), replayed, content)
         if not result.complete:
             raise PartialDelivery(result)
         return result
 
-    async def _deliver_exclusively(self, event_id: str, rows: list[state.OutboxRow] | None) -> list[Delivery]:
-        """Send an event's undelivered rows, unless someone else is: then wait for them and use their result.
-
-        ``rows`` None (the relay) means: read them once this caller is the only sender of the event — rows read
-        earlier may predate a delivery that has finished since."""
-        while (busy := self._sending.get(event_id)) is not None:
-            await busy.wait()
-            rows = None
-        done = self._sending[event_id] = asyncio.Event()
-        try:
-            if rows is None:
-                rows = await self.committer.run(lambda conn: state.outbox(conn, event_id))
-            return await self._deliver(rows)
-        finally:
-            del self._sending[event_id]
-            done.set()
-
-    async def _deliver(self, rows: Sequence[state.OutboxRow]) -> list[Delivery]:
-        async def send(row: state.OutboxRow) -> Delivery:
-            if row.offset is not None:
-                return Delivery(row.jurisdiction, row.topic, row.sequence, row.partition, row.offset)
-            if (acked := self._marks.get((row.event_id, row.jurisdiction))) is not None:
-                return Delivery(row.jurisdiction, row.topic, row.sequence, acked[0], acked[1])
-            try:
-                # One caller at a time enqueues: when a batch is full aiokafka parks the sender until it drains,
-                # and wakes every parked sender at once — with hundreds of concurrent publishes that herd cost
-                # more than the publishing (measured 864/s with 2,048 in flight vs 1,923/s with 256).
-                # Per topic: a jurisdiction whose partition has no leader must not hold up the others.
-                async with self._enqueue.setdefault(row.topic, asyncio.Lock()):
-                    acknowledged = await self.producer.send(row.topic, row.envelope, key=row.kafka_key)
-                meta = await acknowledged
-            except Exception as exc:  # aiokafka raises KafkaError subclasses and asyncio timeouts
-                log.warning("delivery of %s to %s failed: %r", row.event_id, row.topic, exc)
-                return Delivery(row.jurisdiction, row.topic, row.sequence, None, None, type(exc).__name__)
-            return Delivery(row.jurisdiction, row.topic, row.sequence, meta.partition, meta.offset, sent_now=True)
-
-        deliveries = await asyncio.gather(*(send(r) for r in rows))
-        fresh = [(r, d) for r, d in zip(rows, deliveries, strict=True) if d.delivered and r.offset is None]
-        if fresh:
-            at = self.clock().isoformat()
-            for r, d in fresh:
-                assert d.partition is not None
-                assert d.offset is not None
-                self._marks[(r.event_id, r.jurisdiction)] = (d.partition, d.offset, at)
-            if len(self._marks) == len(fresh):  # the first since the last flush schedules the next one
-                # Not awaited: the answer depends on Kafka's acknowledgement, not on this bookkeeping. Were it
-                # lost, the relay would send the same envelope again, which receivers recognise as a redelivery.
-                self.committer.submit(self._flush_marks)
-        return list(deliveries)
-
-    def _flush_marks(self, conn: sqlite3.Connection) -> None:
-        marks, self._marks = self._marks, {}
-        state.mark_delivered(conn, [(p, o, at, event, j) for (event, j), (p, o, at) in marks.items()])
-
     async def deliver_pending(self, limit: int = 1000) -> int:
         """The outbox relay: send what Kafka has not acknowledged yet. Returns how many were delivered now."""
         rows = await self.committer.run(lambda conn: state.pending(conn, limit))
-        events: set[str] = set()
+        sendable: list[state.OutboxRow] = []
         refused: list[tuple[str, str, str]] = []
         for row in rows:
-            if self.registry is not None:
-                try:
-                    self.registry.resolve(row.key_id, sequence=row.sequence, topic=row.topic)
-                except UntrustedKey as exc:  # every receiver would refuse it: never send it, stop retrying it
-                    log.warning("abandoning %s to %s: %s", row.event_id, row.topic, exc.detail)
-                    refused.append((exc.detail, row.event_id, row.jurisdiction))
-                    continue
-            if row.event_id not in self._sending:  # else a request is delivering it right now
-                events.add(row.event_id)
+            if (why := self._refusal(row)) is not None:  # every receiver would refuse it: never send, stop retrying
+                log.warning("abandoning %s to %s: %s", row.event_id, row.topic, why)
+                refused.append((why, row.event_id, row.jurisdiction))
+                continue
+            sendable.append(row)
         if refused:
             await self.committer.run(lambda conn: state.abandon(conn, refused))
-        results = await asyncio.gather(*(self._deliver_exclusively(e, None) for e in events))
-        return sum(d.sent_now for deliveries in results for d in deliveries)
+        if not sendable:
+            return 0
+        return sum(d.sent_now for d in await self.outbox.deliver(sendable))
 
     async def status(self, item_id: str) -> dict[str, Any]:
         """Raises: NotFound."""
@@ -398,6 +351,58 @@ class EvidencePublisher:
         return await self.committer.run(read)
 
 
+@dataclass(frozen=True)
+class _NewVersion:
+    existing: sqlite3.Row | None
+    version: int
+    replaces: str | None
+
+
+def _identity(meta: core.EvidenceMetadata, sha256: str, client_key: str | None,
+              correction_of: str | None) -> tuple[str, str, str]:  # fmt: skip
+    """(stored idempotency key, request fingerprint, the conflict message if the key was used for something else)."""
+    operation = "correct" if correction_of else "publish"
+    # The operation is part of what a key stands for: a publish's key reused for a correction is a conflict.
+    fingerprint = f"{operation}:{core.request_fingerprint(meta, sha256)}"
+    # Without a key, a publication is identified by its item id and content digest.
+    key, reused = _idempotency(
+        client_key, f"publish:{meta.item_id}:{sha256}",
+        f"item {meta.item_id} was already published with this file and other metadata; send a correction",
+    )  # fmt: skip
+    return key, fingerprint, reused
+
+
+def _plan(conn: sqlite3.Connection, meta: core.EvidenceMetadata, sha256: str, key: str, fingerprint: str, reused: str,
+          correction_of: str | None) -> tuple[str, int, bool] | _NewVersion:  # fmt: skip
+    """What a publish or correction does: replay an earlier result, or make which version. Reads only.
+
+    Raises: Conflict, NotFound.
+    """
+    done = _replay(conn, key, fingerprint, reused)
+    if done is not None:
+        return done
+    existing = state.item(conn, meta.item_id)
+    if correction_of is None:
+        if existing is None:
+            return _NewVersion(None, 1, None)
+        original = state.original_publication(conn, meta.item_id)
+        if original is not None and (original["fingerprint"] == fingerprint  # same item, same content
+                                     or original["fingerprint"] == state.recovered(sha256)):  # fmt: skip
+            return original["event_id"], original["version"], True
+        raise Conflict(f"item {meta.item_id} is already published; send a correction to change it")
+    if existing is None:
+        raise NotFound(f"no item {correction_of}")
+    if existing["withdrawn_at"] is not None:
+        raise Conflict(f"item {correction_of} was withdrawn")
+    left_out = sorted(set(_jurisdictions(existing)) - set(meta.jurisdictions))
+    if left_out:
+        raise Conflict(
+            f"a correction must reach every jurisdiction the item was published to; "
+            f"{', '.join(left_out)} would keep version {existing['latest_version']} as current"
+        )
+    return _NewVersion(existing, existing["latest_version"] + 1, existing["latest_event_id"])
+
+
 def _with_outbox(
     unit: Callable[[sqlite3.Connection], tuple[str, int, bool]],
 ) -> Callable[[sqlite3.Connection], tuple[str, int, bool, list[state.OutboxRow]]]:
@@ -422,7 +427,9 @@ def _replay(conn: sqlite3.Connection, key: str, fingerprint: str, reused: str) -
     previous = state.request(conn, key)
     if previous is None:
         return None
-    if previous["fingerprint"] != fingerprint:
+    # A row rebuilt from Kafka by `recover` keeps only what the event says (item id and content digest, which its
+    # derived key already names), not the request's full fingerprint: a repeat of that publication is a replay.
+    if previous["fingerprint"] != fingerprint and not state.is_recovered(previous["fingerprint"]):
         raise Conflict(reused)
     return previous["event_id"], previous["version"], True
 

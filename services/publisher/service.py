@@ -5,42 +5,60 @@ Routes (all errors are RFC 9457 problem+json):
     POST /v1/evidence/{item_id}/corrections    same form; a new version naming the one it replaces → 201
     POST /v1/evidence/{item_id}/withdrawal     JSON {"reason": …} → 201
     GET  /v1/evidence/{item_id}                versions, deliveries, withdrawal
-    GET  /healthz
+    GET  /healthz                              the process serves
+    GET  /readyz                               200 when it can publish; 503 naming why not (Kafka not answering…)
 A repeated request (same ``Idempotency-Key``) answers 200 with the original result and ``Idempotent-Replayed``.
 Corrections require an ``Idempotency-Key``. An optional ``Repr-Digest: sha-256=:…:`` (RFC 9530) makes the service
 refuse a file whose bytes are not the ones the client hashed.
 
-Owns: reading the upload as a stream (metadata validated before a file byte is stored; the file hashed and
-checked against its declared media type before it is committed), composing the service in :func:`create_app`,
-and the outbox relay task. Publishing itself is ``pipeline.EvidencePublisher``.
+Owns: the routes and who may use them (mTLS client CNs, uploads in progress per client), removing what a request
+refused after its upload was kept uploaded (unless something references it), composing the service in
+:func:`create_app` (data-directory lock, state integrity, the key's fences and what it signed, from Kafka), the
+outbox relay task, readiness and the bounded shutdown. Reading an upload is ``uploads``; publishing
+``pipeline.EvidencePublisher``; delivery ``outbox``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
-import os
-import signal
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
-from services.publisher import core, state
-from services.publisher.pipeline import ContentInfo, EvidencePublisher
+from services.publisher import state
+from services.publisher.courier import OutboxSettings
+from services.publisher.datadir import DataDir
+from services.publisher.ledger import intact
+from services.publisher.outbox import Outbox
+from services.publisher.pipeline import EvidencePublisher, PartialDelivery
 from services.publisher.settings import PublisherSettings
+from services.publisher.uploads import check_length, read_upload
 from services.shared.avro import AvroCodec
 from services.shared.content import ContentStore, LocalContentStore
-from services.shared.errors import ConfigurationError, Forbidden, KafkaUnavailable, PayloadTooLarge, ValidationFailed
-from services.shared.filenames import check_file_name
+from services.shared.errors import (
+    ConfigurationError,
+    EvidenceHubError,
+    Forbidden,
+    InfrastructureError,
+    KafkaUnavailable,
+    NotReady,
+    StateRefused,
+    TooManyRequests,
+    ValidationFailed,
+)
 from services.shared.http import peer_common_name, problem_middleware
-from services.shared.kafka import KEYS_TOPIC, ensure_hub_topics, hub_topics, make_producer, read_to_end
-from services.shared.media import sniff
+from services.shared.kafka import KEYS_TOPIC, ensure_hub_topics, evidence_topic, hub_topics, read_to_end
+from services.shared.keys import SigningKey
 from services.shared.registry import KeyRegistry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SETTINGS = web.AppKey("settings", PublisherSettings)
 PUBLISHER = web.AppKey("publisher", EvidencePublisher)
@@ -48,8 +66,15 @@ STORE = web.AppKey("store", ContentStore)
 Authenticator = Callable[[web.Request], str]
 AUTHENTICATE: web.AppKey[Authenticator] = web.AppKey("authenticate")
 CRASHED = web.AppKey("crashed", list[str])
+#: Why the service stopped itself (state refused by Kafka, fenced): ``__main__`` exits with its code.
+FATAL = web.AppKey("fatal", list[EvidenceHubError])
+#: Set when the service must stop; ``services.shared.serve`` waits on it beside SIGTERM.
+STOP = web.AppKey("stop", asyncio.Event)
 OWN_REGISTRY = web.AppKey("own_registry", bool)  # built from settings (and so refreshed), not injected
-CHUNK = 1 << 20
+UPLOADS = web.AppKey("uploads", Counter[str])  # uploads in progress per client
+HELD = web.AppKey("held", Counter[str])  # content digests kept by requests still deciding
+SWEEP_EVERY_S = 600.0
+SWEEP_OLDER_THAN_S = 3600.0
 
 
 def mtls_identity(allowed: list[str]) -> Callable[[web.Request], str]:
@@ -67,67 +92,20 @@ def _unsafe_anonymous(request: web.Request) -> str:
     return "anonymous (unsafe plaintext)"
 
 
-async def _read_metadata(part: BodyPartReader, limit: int) -> core.EvidenceMetadata:
-    data = bytearray()
-    while chunk := await part.read_chunk(64 << 10):
-        data += chunk
-        if len(data) > limit:
-            raise PayloadTooLarge(f"metadata is larger than {limit} bytes")
-    return core.parse_metadata(bytes(data))
+@contextlib.asynccontextmanager
+async def _upload_slot(app: web.Application, who: str) -> AsyncIterator[None]:
+    """Raises: TooManyRequests when the client already has the maximum number of uploads in progress."""
+    uploads, limit = app[UPLOADS], app[SETTINGS].max_uploads_per_client
+    if uploads[who] >= limit:
+        raise TooManyRequests(f"at most {limit} uploads at a time per client; wait for one to finish", limit=limit)
+    uploads[who] += 1
+    try:
+        yield
+    finally:
+        uploads[who] -= 1
+        if uploads[who] <= 0:
+            del uploads[who]
 
-
-async def _read_upload(request: web.Request) -> tuple[core.EvidenceMetadata, ContentInfo]:
-    settings, store = request.app[SETTINGS], request.app[STORE]
-    if not request.content_type.startswith("multipart/"):
-        raise ValidationFailed("send multipart/form-data: a 'metadata' part (JSON), then a 'file' part",
-                               errors=[{"field": "(body)", "message": f"got {request.content_type}"}])  # fmt: skip
-    reader = await request.multipart()
-    part = await reader.next()
-    if not isinstance(part, BodyPartReader) or part.name != "metadata":
-        raise ValidationFailed(
-            "the first part must be 'metadata'", errors=[{"field": "metadata", "message": "missing"}]
-        )
-    meta = await _read_metadata(part, settings.max_metadata_bytes)
-    core.check_jurisdictions(meta, settings.jurisdictions)
-    part = await reader.next()
-    if not isinstance(part, BodyPartReader) or part.name != "file":
-        raise ValidationFailed("the second part must be 'file'", errors=[{"field": "file", "message": "missing"}])
-    file_part = part
-    name = meta.file_name or (check_file_name(part.filename, field="file.filename") if part.filename else None)
-    detected: list[str] = []
-
-    async def chunks() -> AsyncIterator[bytes]:
-        while chunk := await file_part.read_chunk(CHUNK):
-            yield chunk
-
-    def accept(head: bytes) -> None:
-        detected.append(core.check_media_type(meta, sniff(head)))
-
-    announced = repr_digest_sha256(request.headers.get("Repr-Digest"))
-    stored = await store.put(chunks(), max_size=settings.max_file_bytes, accept=accept, expected_sha256=announced)
-    return meta, ContentInfo(sha256=stored.sha256, size=stored.size, media_type=detected[0],
-                             file_name=name or stored.sha256)  # fmt: skip
-
-
-def repr_digest_sha256(header: str | None) -> str | None:
-    """The SHA-256 (hex) of an RFC 9530 ``Repr-Digest: sha-256=:<base64>:`` header; None without one.
-
-    Raises:
-        ValidationFailed: the header is present but has no well-formed sha-256 member.
-    """
-    if header is None:
-        return None
-    for member in header.split(","):
-        name, _, value = member.strip().partition("=")
-        if name.strip().lower() == "sha-256" and value.startswith(":") and value.endswith(":"):
-            try:
-                raw = base64.b64decode(value[1:-1], validate=True)
-            except ValueError:
-                break
-            if len(raw) == 32:
-                return raw.hex()
-    raise ValidationFailed("Repr-Digest must carry sha-256=:<base64 of 32 bytes>: (RFC 9530)",
-                           errors=[{"field": "Repr-Digest", "message": "no valid sha-256 member"}])  # fmt: skip
 
 
 def _respond(result: Any) -> web.Response:
@@ -137,22 +115,54 @@ def _respond(result: Any) -> web.Response:
     return response
 
 
-async def post_evidence(request: web.Request) -> web.Response:
-    who = request.app[AUTHENTICATE](request)
-    meta, content = await _read_upload(request)
-    result = await request.app[PUBLISHER].publish(meta, content, idempotency_key=request.headers.get("Idempotency-Key"))
-    log.info("%s published %s v%s as %s", who, result.item_id, result.version, result.event_id)
+async def _publish_upload(request: web.Request, *, correction_of: str | None) -> web.Response:
+    app = request.app
+    who = app[AUTHENTICATE](request)
+    check_length(request, app[SETTINGS])
+    key = request.headers.get("Idempotency-Key")
+    async with _upload_slot(app, who):
+        meta, content, staged = await read_upload(request, settings=app[SETTINGS], store=app[STORE],
+                                                  publisher=app[PUBLISHER], idempotency_key=key,
+                                                  correction_of=correction_of)  # fmt: skip
+        app[HELD][content.sha256] += 1
+        try:
+            publisher = app[PUBLISHER]
+            if correction_of is None:
+                result = await publisher.publish(meta, content, idempotency_key=key)
+            else:
+                result = await publisher.correct(correction_of, meta, content, idempotency_key=key)
+        except PartialDelivery:
+            raise  # recorded and signed: the content is referenced
+        except EvidenceHubError:
+            if staged.created:  # refused after all (a concurrent request won a race): keep nothing it uploaded
+                await _forget(app, content.sha256)
+            raise
+        finally:
+            app[HELD][content.sha256] -= 1
+            if app[HELD][content.sha256] <= 0:
+                del app[HELD][content.sha256]
+    log.info("%s %s %s v%s as %s", who, "corrected" if correction_of else "published", result.item_id,
+             result.version, result.event_id)  # fmt: skip
     return _respond(result)
+
+
+async def _forget(app: web.Application, sha256: str) -> None:
+    """Remove content a refused request uploaded, unless another request holds it or an event references it."""
+    if app[HELD][sha256] > 1:
+        return
+    try:
+        if not await app[PUBLISHER].references(sha256):
+            await app[STORE].remove(sha256)
+    except InfrastructureError as exc:  # kept: it is unreferenced but harmless, and the same bytes may come back
+        log.warning("could not remove unreferenced content %s: %s", sha256[:16], exc.detail)
+
+
+async def post_evidence(request: web.Request) -> web.Response:
+    return await _publish_upload(request, correction_of=None)
 
 
 async def post_correction(request: web.Request) -> web.Response:
-    who = request.app[AUTHENTICATE](request)
-    meta, content = await _read_upload(request)
-    result = await request.app[PUBLISHER].correct(
-        request.match_info["item_id"], meta, content, idempotency_key=request.headers.get("Idempotency-Key")
-    )
-    log.info("%s corrected %s to v%s", who, result.item_id, result.version)
-    return _respond(result)
+    return await _publish_upload(request, correction_of=request.match_info["item_id"])
 
 
 async def post_withdrawal(request: web.Request) -> web.Response:
@@ -182,6 +192,29 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """Raises: NotReady naming why the publisher cannot publish right now (Kafka not answering, a delivery stuck,
+    the state refused)."""
+    outbox = request.app[PUBLISHER].outbox
+    if not isinstance(outbox, Outbox):
+        return web.json_response({"ready": True})
+    status = outbox.readiness()
+    if not status["ready"]:
+        raise NotReady("; ".join(status["problems"]), **status)
+    return web.json_response(status)
+
+
+@web.middleware
+async def close_unread_bodies(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                              ) -> web.StreamResponse:  # fmt: skip
+    """A request answered before its body was read (refused up front) closes its connection: the rest of the body
+    is never read, however large it claims to be."""
+    response = await handler(request)
+    if request.body_exists and not request.content.at_eof():
+        response.force_close()
+    return response
+
+
 async def _load_registry(codec: AvroCodec, settings: PublisherSettings, bootstrap: str) -> KeyRegistry:
     registry = KeyRegistry(codec, anchors=settings.trust_anchors())
     registry.apply_all(r.value for r in await read_to_end(bootstrap, KEYS_TOPIC) if r.value is not None)
@@ -189,23 +222,66 @@ async def _load_registry(codec: AvroCodec, settings: PublisherSettings, bootstra
 
 
 async def _relay(app: web.Application) -> None:
-    """Every few seconds: deliver whatever the outbox still holds, and re-read ``hub.keys`` so that a revocation
-    stops this publisher from signing within one interval. A crash here stops the service loudly (create_app)."""
-    publisher, settings = app[PUBLISHER], app[SETTINGS]
+    """Every few seconds: deliver whatever the outbox still holds, check that Kafka answers (``/readyz``), re-read
+    ``hub.keys`` so that a revocation stops this publisher from signing within one interval, and remove temporary
+    files no upload uses. Store and Kafka errors are retried on the next turn, never fatal."""
+    publisher, settings, store = app[PUBLISHER], app[SETTINGS], app[STORE]
+    outbox = publisher.outbox if isinstance(publisher.outbox, Outbox) else None
+    swept = time.monotonic()
     while True:
-        delivered = await publisher.deliver_pending()
-        if delivered:
-            log.info("outbox relay delivered %d envelopes", delivered)
+        if outbox is not None:
+            await outbox.check_kafka()
+        try:
+            delivered = await publisher.deliver_pending()
+            if delivered:
+                log.info("outbox relay delivered %d envelopes", delivered)
+        except InfrastructureError as exc:  # a lock held elsewhere, a disk error: the next turn retries
+            log.warning("outbox relay: %s; retrying in %.0fs", exc.detail, settings.relay_interval_s)
         if app[OWN_REGISTRY] and settings.kafka.bootstrap:
             try:
                 publisher.registry = await _load_registry(publisher.codec, settings, settings.kafka.bootstrap)
             except KafkaUnavailable as exc:  # keep the registry we have; Kafka may be back next time
                 log.warning("could not refresh the key registry: %s", exc.detail)
+        if time.monotonic() - swept > SWEEP_EVERY_S:
+            swept = time.monotonic()
+            await store.sweep(older_than_s=SWEEP_OLDER_THAN_S)
         await asyncio.sleep(settings.relay_interval_s)
 
 
+async def _retrying(what: str, deadline: float, attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()`` until it succeeds or ``deadline`` (monotonic) passes: Kafka may still be coming up.
+
+    Raises: the last KafkaUnavailable once the deadline has passed.
+    """
+    delay = 0.5
+    while True:
+        try:
+            return await attempt()
+        except KafkaUnavailable as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: %s; retrying in %.1fs", what, exc.detail, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+async def _check_pending(committer: state.GroupCommitter, codec: AvroCodec, signer: SigningKey) -> None:
+    """Raises: StateRefused if an envelope waiting to be sent no longer carries this key's valid signature
+    (damaged bytes the integrity check cannot see)."""
+    rows = await committer.run(lambda conn: state.pending(conn, 1_000_000))
+    for row in rows:
+        if row.key_id == signer.key_id and not intact(codec, signer.public, row.topic, row.sequence, row.envelope):
+            raise StateRefused(f"publisher state is damaged: the envelope of event {row.event_id} for {row.topic} "
+                               f"(sequence {row.sequence}) no longer verifies; restore a backup or recover "
+                               "(docs/operations.md)")  # fmt: skip
+
+
 async def _own_resources(app: web.Application) -> AsyncIterator[None]:
-    """Kafka producer, SQLite state, key registry and content store, when not injected (tests, bench inject)."""
+    """Data directory, SQLite state, Kafka fences, key registry and content store, when not injected (tests and
+    bench inject them). In this order, each refusing to start rather than sign with something wrong: the data
+    directory is locked (one process); the state passes ``PRAGMA integrity_check`` and its own invariants; Kafka
+    answers (retried up to the start-up timeout); the key is trusted; each topic's fence is taken and what the key
+    signed there is established from Kafka — a state that is behind Kafka is refused."""
     settings = app[SETTINGS]
     if PUBLISHER in app:
         yield
@@ -213,26 +289,66 @@ async def _own_resources(app: web.Application) -> AsyncIterator[None]:
     bootstrap = settings.kafka.bootstrap
     if not bootstrap:
         raise ConfigurationError("EVHUB_KAFKA_BOOTSTRAP is required to run the publisher")
+    deadline = time.monotonic() + settings.startup_timeout_s
     codec, signer = AvroCodec.load(), settings.signing_key()
-    await ensure_hub_topics(bootstrap, hub_topics(settings.jurisdictions), kafka=settings.kafka)
-    registry = await _load_registry(codec, settings, bootstrap)
-    app[OWN_REGISTRY] = True
-    producer = make_producer(bootstrap, client_id="evhub-publisher")
-    await producer.start()
-    committer = state.GroupCommitter(state.connect(settings.data_dir / "publisher.sqlite3"))
+    datadir = DataDir(settings.data_dir)
+    datadir.lock()
+    outbox: Outbox | None = None
     try:
-        app[STORE] = LocalContentStore(settings.data_dir / "content")
-        app[PUBLISHER] = EvidencePublisher(
-            codec=codec, signer=signer, producer=producer, committer=committer,
-            organisation=registry.organisation_of(signer.key_id),
-            jurisdictions=settings.jurisdictions, registry=registry,
-        )  # fmt: skip
-        publisher = app[PUBLISHER]  # fail closed: never start signing with a key receivers would refuse
-        registry.check_can_sign(signer.key_id, publisher.clock(), organisation=publisher.organisation)
-        yield
+        if datadir.state.is_file():
+            seconds = await asyncio.to_thread(state.check, datadir.state)
+            log.info("integrity check of %s (%d bytes): %.2fs", datadir.state, datadir.state.stat().st_size, seconds)
+        committer = state.GroupCommitter(state.connect(datadir.state), timeout=settings.store_timeout_s)
+        try:
+            await _check_pending(committer, codec, signer)
+
+            async def prepare() -> KeyRegistry:
+                await ensure_hub_topics(bootstrap, hub_topics(settings.jurisdictions), kafka=settings.kafka)
+                return await _load_registry(codec, settings, bootstrap)
+
+            registry = await _retrying("Kafka at start-up", deadline, prepare)
+            organisation = registry.organisation_of(signer.key_id)
+            registry.check_can_sign(signer.key_id, datetime.now(UTC), organisation=organisation)
+            outbox = Outbox(
+                key=signer.public, codec=codec, committer=committer,
+                topics=[evidence_topic(j) for j in settings.jurisdictions],
+                settings=OutboxSettings(
+                    bootstrap=bootstrap, delivery_timeout_s=settings.delivery_timeout_s,
+                    transaction_timeout_s=settings.transaction_timeout_s,
+                    request_timeout_ms=settings.kafka.request_timeout_ms,
+                    establish_timeout_s=settings.startup_timeout_s,
+                ),
+            )  # fmt: skip
+            outbox.on_fatal = lambda exc: _stop(app, exc)
+            await outbox.start(timeout_s=max(1.0, deadline - time.monotonic()))
+            if STORE not in app:
+                app[STORE] = LocalContentStore(datadir.content)
+            await app[STORE].sweep()  # at start nothing is uploading: every temporary file is a leftover
+            app[OWN_REGISTRY] = True
+            app[PUBLISHER] = EvidencePublisher(
+                codec=codec, signer=signer, outbox=outbox, committer=committer, organisation=organisation,
+                jurisdictions=settings.jurisdictions, registry=registry,
+            )  # fmt: skip
+            yield
+        finally:
+            if outbox is not None:
+                await outbox.stop(settings.shutdown_grace_s * 0.4)
+            committer.close()
     finally:
-        await producer.stop()
-        committer.close()
+        datadir.unlock()
+
+
+async def _begin_shutdown(app: web.Application) -> None:
+    """SIGTERM: requests waiting for Kafka are answered at once (503 naming what is not acknowledged)."""
+    log.info("shutting down: waiting requests are answered now")
+    if PUBLISHER in app:
+        app[PUBLISHER].outbox.begin_shutdown()
+
+
+def _stop(app: web.Application, exc: EvidenceHubError) -> None:
+    log.critical("stopping the service: %s", exc.detail)
+    app[FATAL].append(exc)
+    app[STOP].set()
 
 
 async def _relay_task(app: web.Application) -> AsyncIterator[None]:
@@ -242,10 +358,11 @@ async def _relay_task(app: web.Application) -> AsyncIterator[None]:
         if not t.cancelled() and t.exception() is not None:
             log.critical("outbox relay crashed: %r; stopping the service", t.exception())
             app[CRASHED].append(repr(t.exception()))
-            os.kill(os.getpid(), signal.SIGTERM)  # run_app shuts down gracefully; __main__ exits non-zero
+            app[STOP].set()  # the service shuts down gracefully; __main__ exits non-zero
 
     task.add_done_callback(crashed)
     yield
+    log.info("shutting down: the outbox relay stops")
     task.remove_done_callback(crashed)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -257,10 +374,14 @@ def create_app(
     authenticate: Callable[[web.Request], str] | None = None,
 ) -> web.Application:  # fmt: skip
     """The one composition root. Injected parts (tests, bench) replace the ones built from settings."""
-    app = web.Application(middlewares=[problem_middleware])
+    app = web.Application(middlewares=[close_unread_bodies, problem_middleware])
     app[SETTINGS] = settings
     app[CRASHED] = []
+    app[FATAL] = []
+    app[STOP] = asyncio.Event()
     app[OWN_REGISTRY] = False
+    app[UPLOADS] = Counter()
+    app[HELD] = Counter()
     if publisher is not None:
         app[PUBLISHER] = publisher
     if store is not None:
@@ -270,9 +391,11 @@ def create_app(
         authenticate = _unsafe_anonymous if files is None else mtls_identity(settings.allowed_clients)
     app[AUTHENTICATE] = authenticate
     app.cleanup_ctx.extend([_own_resources, _relay_task])
+    app.on_shutdown.append(_begin_shutdown)
     app.router.add_post("/v1/evidence", post_evidence)
     app.router.add_post("/v1/evidence/{item_id}/corrections", post_correction)
     app.router.add_post("/v1/evidence/{item_id}/withdrawal", post_withdrawal)
     app.router.add_get("/v1/evidence/{item_id}", get_item)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     return app

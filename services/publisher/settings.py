@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from pydantic import Field
@@ -33,13 +34,33 @@ class PublisherSettings(ServerTLS, BaseSettings):
     max_metadata_bytes: int = Field(default=256 << 10, ge=1024, le=1 << 20)
     allowed_clients: list[str] = Field(default_factory=list)
     relay_interval_s: float = Field(default=5.0, gt=0)
+    #: A request waits at most this long for Kafka's acknowledgement, then gets a 503 naming what is missing.
+    delivery_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    #: Kafka aborts a transaction this publisher left open (crashed, stopped) after this long; readers of the
+    #: topic wait for it meanwhile, so keep it short. Larger than a round ever takes.
+    transaction_timeout_s: float = Field(default=30.0, ge=1, le=900)
+    #: At start: how long Kafka may take to answer, and to read each topic back (see docs/reliability.md).
+    startup_timeout_s: float = Field(default=120.0, gt=0)
+    #: On SIGTERM: requests in progress and deliveries in flight get this long, then the process exits.
+    shutdown_grace_s: float = Field(default=10.0, gt=0, le=300)
+    #: How long a request may wait for the SQLite state while another process holds its write lock.
+    store_timeout_s: float = Field(default=10.0, gt=0)
+    #: An upload that sends no bytes for this long is refused (408); at most this many uploads per client at once.
+    body_idle_timeout_s: float = Field(default=60.0, gt=0)
+    max_uploads_per_client: int = Field(default=32, ge=1)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 
     def tls_files(self) -> CertFiles | None:
-        """Raises: ConfigurationError without TLS files (unless ``unsafe_plaintext``) or without allowed clients."""
+        """Raises: ConfigurationError without TLS files (unless ``unsafe_plaintext`` on a loopback address) or
+        without allowed clients."""
         files = super().tls_files()
         if files is not None and not self.allowed_clients:
             raise ConfigurationError("no client CNs allowed to publish (EVHUB_PUBLISHER_ALLOWED_CLIENTS)")
+        if files is None and not _loopback(self.host):
+            raise ConfigurationError(
+                f"EVHUB_PUBLISHER_UNSAFE_PLAINTEXT accepts anonymous uploads: refused on {self.host}, allowed only on "
+                "a loopback address (127.0.0.1, ::1, localhost)"
+            )
         return files
 
     def signing_key(self) -> SigningKey:
@@ -58,3 +79,12 @@ class PublisherSettings(ServerTLS, BaseSettings):
         return read_public_keys(
             self.trust_anchor_files, what="key-registry trust anchor", env="EVHUB_PUBLISHER_TRUST_ANCHOR_FILES"
         )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

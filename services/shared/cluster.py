@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ class KafkaTarget:
     libs: Path | None = None
     pid: int | None = None
     startup_seconds: float = 0.0
+    data_dir: Path | None = None  # a persistent broker's directory (None: throwaway, removed on stop)
 
 
 def docker_answers() -> bool:
@@ -90,17 +89,12 @@ def kafka_cluster(settings: KafkaSettings) -> Iterator[KafkaTarget]:
         with _testcontainers_kafka(settings) as target:
             yield target
         return
-    libs = ensure_jars(settings.cache_dir)
-    if settings.work_root is not None:
-        settings.work_root.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="evhub-kafka-", dir=settings.work_root))
-    broker = LocalKafka(libs=libs, workdir=workdir, heap_mb=settings.heap_mb)
+    broker = local_broker(settings, ensure_jars(settings.cache_dir))
     try:
         broker.start()
         yield _local_target(broker)
     finally:
         broker.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
@@ -112,19 +106,24 @@ async def akafka_cluster(settings: KafkaSettings) -> AsyncIterator[KafkaTarget]:
         return
     import asyncio
 
-    libs = await asyncio.to_thread(ensure_jars, settings.cache_dir)
-    workdir = Path(tempfile.mkdtemp(prefix="evhub-kafka-", dir=settings.work_root))
-    broker = LocalKafka(libs=libs, workdir=workdir, heap_mb=settings.heap_mb)
+    broker = local_broker(settings, await asyncio.to_thread(ensure_jars, settings.cache_dir))
     try:
         await broker.astart()
         yield _local_target(broker)
     finally:
         await broker.astop()
-        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def local_broker(settings: KafkaSettings, libs: Path) -> LocalKafka:
+    """The embedded broker the settings ask for: persistent on ``data_dir`` if set, else throwaway."""
+    if settings.data_dir is not None:
+        return LocalKafka(libs=libs, workdir=settings.data_dir, heap_mb=settings.heap_mb, persistent=True)
+    return LocalKafka.throwaway(libs, root=settings.work_root, heap_mb=settings.heap_mb)
 
 
 def _local_target(broker: LocalKafka) -> KafkaTarget:
     return KafkaTarget(
         bootstrap=broker.bootstrap, kind="local", log_dir=broker.log_dir, log_file=broker.log_file,
         libs=broker.libs, pid=broker.pid, startup_seconds=broker.startup_seconds,
+        data_dir=broker.workdir if broker.persistent else None,
     )  # fmt: skip

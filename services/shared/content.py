@@ -5,18 +5,26 @@ in chunks (a multi-GB video never sits in memory), hashed while they stream, wri
 fsynced and renamed to ``<root>/sha256/<aa>/<digest>`` (atomic: a reader sees the whole file or none), and stored
 once per digest. A write over the size limit is refused mid-stream and leaves nothing behind.
 
+Two steps when the caller must decide after the bytes arrived and before they are kept: :meth:`stage` streams into
+a temporary file and returns a :class:`Staged` upload, which the caller commits or discards. Temporary files left
+by a process that died mid-upload are removed by :meth:`LocalContentStore.sweep` (at start-up: all of them; later:
+those older than an age and not in use).
+
 Does not own: what the content means or who may read it. An S3-compatible store implements the same port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -30,6 +38,7 @@ from services.shared.errors import (
 )
 from services.shared.media import HEAD_BYTES
 
+log = logging.getLogger(__name__)
 CHUNK: Final = 1 << 20
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -44,11 +53,33 @@ class StoredContent:
 Acceptor = Callable[[bytes], None]
 
 
+@dataclass
+class Staged:
+    """Bytes received in full and checked, not yet kept: :meth:`LocalContentStore.commit` or ``discard`` them."""
+
+    content: StoredContent
+    path: Path
+    committed: bool = field(default=False)
+    created: bool = field(default=False)  # the commit stored a file that was not there before
+
+    @property
+    def sha256(self) -> str:
+        return self.content.sha256
+
+
 class ContentStore(Protocol):
     async def put(
         self, chunks: AsyncIterable[bytes], *, max_size: int, accept: Acceptor | None = None,
         expected_sha256: str | None = None,
     ) -> StoredContent: ...
+    async def stage(
+        self, chunks: AsyncIterable[bytes], *, max_size: int, accept: Acceptor | None = None,
+        expected_sha256: str | None = None,
+    ) -> Staged: ...
+    async def commit(self, staged: Staged) -> None: ...
+    async def discard(self, staged: Staged) -> None: ...
+    async def remove(self, sha256: str) -> bool: ...
+    async def sweep(self, *, older_than_s: float = 0.0) -> tuple[int, int]: ...
     async def exists(self, sha256: str) -> bool: ...
     async def size(self, sha256: str) -> int: ...
     def read(self, sha256: str, *, offset: int = 0) -> AsyncIterator[bytes]: ...
@@ -70,6 +101,7 @@ class LocalContentStore:
         self._tmp = root / "tmp"
         self._objects.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self._in_use: set[str] = set()  # temporary files of uploads in progress
 
     def path_of(self, sha256: str) -> Path:
         check_digest(sha256)
@@ -89,8 +121,24 @@ class LocalContentStore:
             UploadInterrupted: the source of ``chunks`` failed (e.g. the client disconnected); nothing is kept.
             StoreUnavailable: the disk failed (full, read-only, …).
         """
+        staged = await self.stage(chunks, max_size=max_size, accept=accept, expected_sha256=expected_sha256)
+        try:
+            await self.commit(staged)
+        finally:
+            await self.discard(staged)
+        return staged.content
+
+    async def stage(
+        self, chunks: AsyncIterable[bytes], *, max_size: int, accept: Acceptor | None = None,
+        expected_sha256: str | None = None,
+    ) -> Staged:
+        """Stream ``chunks`` into a temporary file and check them (as :meth:`put`), without keeping them yet.
+
+        Raises: as :meth:`put`; on any error nothing is left behind.
+        """
         fd, tmp_name = await asyncio.to_thread(tempfile.mkstemp, dir=self._tmp, prefix="in-")
         tmp = Path(tmp_name)
+        self._in_use.add(tmp.name)
         digest, size, head = hashlib.sha256(), 0, bytearray()
         try:
             with os.fdopen(fd, "wb") as out:
@@ -110,18 +158,72 @@ class LocalContentStore:
                 if accept is not None:
                     accept(bytes(head))
                 await asyncio.to_thread(_flush_and_sync, out)
-            sha = digest.hexdigest()
-            await asyncio.to_thread(self._commit, tmp, sha)
+        except BaseException as exc:
+            self._in_use.discard(tmp.name)
+            await asyncio.to_thread(tmp.unlink, missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StoreUnavailable(f"content store write failed: {exc.strerror}") from exc
+            raise
+        return Staged(StoredContent(sha256=digest.hexdigest(), size=size, head=bytes(head)), tmp)
+
+    async def commit(self, staged: Staged) -> None:
+        """Keep staged bytes under their digest (once per digest).
+
+        Raises:
+            StoreUnavailable: the disk failed.
+        """
+        if staged.committed:
+            return
+        try:
+            staged.created = await asyncio.to_thread(self._commit, staged.path, staged.sha256)
         except OSError as exc:
             raise StoreUnavailable(f"content store write failed: {exc.strerror}") from exc
-        finally:
-            await asyncio.to_thread(tmp.unlink, missing_ok=True)
-        return StoredContent(sha256=sha, size=size, head=bytes(head))
+        staged.committed = True
+        self._in_use.discard(staged.path.name)
 
-    def _commit(self, tmp: Path, sha: str) -> None:
+    async def discard(self, staged: Staged) -> None:
+        """Drop staged bytes that were not committed (a no-op after :meth:`commit`)."""
+        self._in_use.discard(staged.path.name)
+        await asyncio.to_thread(staged.path.unlink, missing_ok=True)
+
+    async def remove(self, sha256: str) -> bool:
+        """Remove stored content (a refused request's upload that nothing references). Returns whether it existed.
+
+        Raises:
+            StoreUnavailable: the disk failed.
+        """
+        try:
+            path = self.path_of(sha256)
+            existed = await asyncio.to_thread(path.is_file)
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"content store removal failed: {exc.strerror}") from exc
+        return existed
+
+    async def sweep(self, *, older_than_s: float = 0.0) -> tuple[int, int]:
+        """Remove temporary files not in use by this process and older than ``older_than_s`` (0: all of them, as at
+        start-up, when nothing can be in use). Returns (files, bytes) removed."""
+        return await asyncio.to_thread(self._sweep, older_than_s, frozenset(self._in_use))
+
+    def _sweep(self, older_than_s: float, in_use: frozenset[str]) -> tuple[int, int]:
+        cutoff = time.time() - older_than_s
+        files = size = 0
+        for path in self._tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                info = path.stat()
+                if path.name in in_use or not path.is_file() or info.st_mtime > cutoff:
+                    continue
+                path.unlink()
+                files, size = files + 1, size + info.st_size
+        if files:
+            log.warning("removed %d temporary files (%d bytes) left by interrupted uploads", files, size)
+        return files, size
+
+    def _commit(self, tmp: Path, sha: str) -> bool:
         final = self.path_of(sha)
         if final.exists():  # same bytes → stored once
-            return
+            tmp.unlink(missing_ok=True)
+            return False
         final.parent.mkdir(exist_ok=True)
         os.replace(tmp, final)
         dir_fd = os.open(final.parent, os.O_RDONLY)
@@ -129,6 +231,7 @@ class LocalContentStore:
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
+        return True
 
     async def exists(self, sha256: str) -> bool:
         return await asyncio.to_thread(self.path_of(sha256).is_file)

@@ -4,10 +4,12 @@
     ├── InputError                   the caller sent something wrong            → 4xx, never retried
     │   ├── ValidationFailed         a model or field is malformed (422, carries field errors)
     │   ├── PayloadTooLarge          over a configured size limit (413)
+    │   ├── TooManyRequests          over a per-client limit, e.g. concurrent uploads (429)
     │   ├── UnsupportedMediaType     bytes don't match the declared type (415)
     │   ├── Forbidden                authenticated, but not allowed (403)
     │   ├── DigestMismatch           bytes differ from the digest the sender announced (422)
     │   ├── UploadInterrupted        the client's upload stopped before its end (400)
+    │   │   └── UploadStalled        no bytes arrived for the idle timeout (408)
     │   ├── NotFound                 no such item / version (404)
     │   ├── Conflict                 an idempotency or append race (409)
     │   ├── InvalidCursor            a feed cursor that is malformed, forged or not this caller's (400)
@@ -24,8 +26,11 @@
     │   ├── StoreUnavailable         the content store or database failed
     │   ├── AuditUnavailable         hub.audit did not acknowledge in time: nothing is released
     │   ├── StaleView                a followed topic (keys, policy) is older than allowed
-    │   └── BrokerStartError         the embedded development broker could not start
+    │   ├── BrokerStartError         the embedded development broker could not start
+    │   └── NotReady                 the service is up but cannot serve right now (Kafka not answering) (503)
     └── ConfigurationError           the service is misconfigured; it refuses to start (500)
+        ├── StateRefused             the publisher's state is damaged, in use, or behind what Kafka holds
+        └── PublisherFenced          another publisher took over the signing key on a topic
 
 Classification lives on the classes (``http_status``, ``retriable``, ``title``): the HTTP layer turns errors
 into RFC 9457 problem+json and the CLI into exit codes, and nothing else inspects them.
@@ -66,6 +71,12 @@ class PayloadTooLarge(InputError):
     type_slug = "too-large"
 
 
+class TooManyRequests(InputError):
+    http_status = 429
+    title = "Too many requests"
+    type_slug = "too-many-requests"
+
+
 class UnsupportedMediaType(InputError):
     http_status = 415
     title = "Media type does not match content"
@@ -81,6 +92,12 @@ class DigestMismatch(InputError):
 class UploadInterrupted(InputError):
     title = "Upload interrupted"
     type_slug = "upload-interrupted"
+
+
+class UploadStalled(UploadInterrupted):
+    http_status = 408
+    title = "Upload stalled"
+    type_slug = "upload-stalled"
 
 
 class Forbidden(InputError):
@@ -188,6 +205,26 @@ class BrokerStartError(InfrastructureError):
     type_slug = "broker-start"
 
 
+class NotReady(InfrastructureError):
+    title = "Not ready"
+    type_slug = "not-ready"
+
+
 class ConfigurationError(EvidenceHubError):
     title = "Configuration error"
     type_slug = "configuration"
+
+
+class StateRefused(ConfigurationError):
+    """The publisher will not sign with this state: damaged, used by another process, or behind what Kafka holds
+    (restored from an old copy, emptied, lost). The detail names what to do (docs/operations.md, recovery)."""
+
+    title = "Publisher state refused"
+    type_slug = "state-refused"
+
+
+class PublisherFenced(ConfigurationError):
+    """Another process acquired this signing key's transactional id on a topic: this one must stop signing."""
+
+    title = "Publisher fenced"
+    type_slug = "fenced"

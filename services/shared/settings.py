@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.shared.errors import ConfigurationError, EvidenceHubError
@@ -32,6 +32,7 @@ class KafkaSettings(BaseSettings):
     image: str = "apache/kafka:4.3.1"
     cache_dir: Path = Field(default_factory=default_cache_dir)
     work_root: Path | None = None
+    data_dir: Path | None = Field(default=None, description="persistent local broker: its data survives restarts")
     heap_mb: int = Field(default=512, ge=256, le=8192)
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
     replication_factor: int = Field(default=1, ge=1, le=7, description="for the hub's topics")
@@ -48,10 +49,21 @@ class ServerTLS(BaseModel):
     tls_ca: Path | None = None
     unsafe_plaintext: bool = Field(default=False, description="serve HTTP without TLS; local experiments only")
 
+    @field_validator("tls_cert", "tls_key", "tls_ca", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``VAR=`` (empty) means not set, never the current directory."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     def tls_files(self) -> CertFiles | None:
-        """Raises: ConfigurationError without all three TLS files, unless ``unsafe_plaintext``."""
+        """Raises: ConfigurationError without all three TLS files (naming the missing ones), unless
+        ``unsafe_plaintext`` and none is set."""
+        given = {"TLS_CERT": self.tls_cert, "TLS_KEY": self.tls_key, "TLS_CA": self.tls_ca}
         if self.tls_cert and self.tls_key and self.tls_ca:
             return CertFiles(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca)
+        if any(given.values()):
+            missing = ", ".join(name for name, path in given.items() if not path)
+            raise ConfigurationError(f"TLS is incomplete: the service's {missing} is missing or empty")
         if self.unsafe_plaintext:
             return None
         raise ConfigurationError("TLS is required: set the service's TLS_CERT, TLS_KEY and TLS_CA")

@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from services.shared.errors import ConfigurationError
+
 
 @dataclass(frozen=True)
 class CertFiles:
@@ -35,9 +37,17 @@ class CertFiles:
 def server_context(
     files: CertFiles, *, require_client_cert: bool = True, minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
 ) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(files.ca))
+    """Raises: ConfigurationError naming the file that can't be read or is not PEM of the right kind."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(files.ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"cannot load the client CA {files.ca}: {exc}") from exc
     ctx.minimum_version = minimum_version
-    ctx.load_cert_chain(str(files.cert), str(files.key))
+    try:
+        ctx.load_cert_chain(str(files.cert), str(files.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"cannot load the server certificate {files.cert} with key {files.key}: "
+                                 f"{exc}") from exc  # fmt: skip
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return ctx
 

@@ -97,15 +97,17 @@ def issue_principal(directory: Path, name: str, uri: str | None) -> CertFiles:
 class Pki:
     server: CertFiles
     clients: dict[str, ssl.SSLContext]
+    #: The same principals' certificate files (for ``evhub`` run as a process).
+    files: dict[str, CertFiles]
 
 
 def make_pki(directory: Path) -> Pki:
     server = create_dev_pki(directory, ["audit"])["audit"]
-    clients = {"auditor": client_context(issue_principal(directory, "auditor", "urn:evhub:auditor:court-1")),
-               "nobody": client_context(issue_principal(directory, "nobody", None))}  # fmt: skip
-    for office in OFFICES:
-        clients[office] = client_context(issue_principal(directory, office, f"urn:evhub:office:{office}"))
-    return Pki(server, clients)
+    files = {"auditor": issue_principal(directory, "auditor", "urn:evhub:auditor:court-1"),
+             "nobody": issue_principal(directory, "nobody", None)}  # fmt: skip
+    for office in (*OFFICES, "SE-IPC"):
+        files[office] = issue_principal(directory, office, f"urn:evhub:office:{office}")
+    return Pki(server, {name: client_context(f) for name, f in files.items()}, files)
 
 
 def settings_for(tmp: Path, topic: str, dead: str, pki: Pki, **overrides: Any) -> AuditSettings:

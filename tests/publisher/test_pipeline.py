@@ -228,3 +228,23 @@ async def test_publishing_with_a_revoked_or_expired_key_is_refused_and_writes_no
         await _publish(stack, "SDG-R", png())
     for j in stack.jurisdictions:
         assert await read_to_end(stack.bootstrap, stack.topic(j)) == []
+
+
+async def test_the_feed_check_counts_redeliveries_and_refusals_and_never_stops_on_a_junk_record(stack: Stack) -> None:
+    from services.cli.demo import check_feed
+    from services.shared.kafka import make_producer
+
+    first = await _publish(stack, "SDG-FEED-1", png(seed=1))
+    await _publish(stack, "SDG-FEED-2", png(seed=2))
+    topic = first.deliveries[0].topic
+    (record, *_) = await read_to_end(stack.bootstrap, topic)
+    producer = make_producer(stack.bootstrap, client_id="test-feed")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"not an envelope", key=b"x")  # junk in an evidence topic
+        await producer.send_and_wait(topic, record.value, key=record.key)  # an at-least-once redelivery
+    finally:
+        await producer.stop()
+    check = await check_feed(stack.codec, stack.bootstrap, topic, stack.registry, SequenceTracker())
+    assert (check.records, check.verified, check.redelivered, check.refused, check.replayed) == (4, 2, 1, 1, 0)
+    assert check.gaps == 0

@@ -182,3 +182,29 @@ async def test_a_client_that_disconnects_mid_upload_is_not_a_store_failure_and_l
         await store.put(broken(), max_size=1 << 20)
     assert caught.value.http_status == 400
     assert [p for p in (tmp_path / "store").rglob("*") if p.is_file()] == []
+
+
+async def test_sweep_removes_old_temporary_files_but_never_an_upload_in_progress(tmp_path: Path) -> None:
+    import os
+    import time
+
+    store = LocalContentStore(tmp_path / "store")
+    leftover = tmp_path / "store" / "tmp" / "in-leftover"
+    leftover.write_bytes(b"x" * 100)
+    old = time.time() - 7200
+    os.utime(leftover, (old, old))
+    fresh = tmp_path / "store" / "tmp" / "in-fresh"
+    fresh.write_bytes(b"y")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"in progress"
+
+    staged = await store.stage(chunks(), max_size=1 << 20)
+    os.utime(staged.path, (old, old))  # old, but its upload is not finished: never swept
+    assert await store.sweep(older_than_s=3600) == (1, 100)
+    assert not leftover.exists()
+    assert fresh.exists()
+    assert staged.path.exists()
+    await store.commit(staged)
+    assert await store.sweep() == (1, 1), "at start-up every temporary file is a leftover"
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
