@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli import manifest, samples
+from services.cli.demo_audit import auditor_replays
 from services.cli.demo_offices import offices_subscribe, read_path
 from services.cli.publish import Journal, publish_all, summary
 from services.cli.supervise import running_service
@@ -138,7 +139,12 @@ async def run_demo(args: argparse.Namespace) -> int:
                                  anchor_pub=keys / "trust-anchor.pub.pem",
                                  admin_pub=keys / "policy-admin.pub.pem") as path:  # fmt: skip
                 await offices_subscribe(out, work, path, offices=OFFICES, anchor=anchor.public)
-                # next step (10): the auditor replays the audit log — path.audit_url, path.auditor, path.log_vkey
+                de_proofs = work / "offices" / OFFICES["DE"] / "proofs"
+                audited = await auditor_replays(out, work, path, bootstrap=bootstrap, log_dir=work / "audit" / "log",
+                                                admin_pub=keys / "policy-admin.pub.pem", proofs=de_proofs)  # fmt: skip
+                out.print("[green]the audit log verified, every decision in it reproduced, the office's receipt "
+                          "proven offline, and the tampered copy caught[/green]" if audited else
+                          "[bold red]the auditor's checks did not all come out as expected[/bold red]")  # fmt: skip
                 if args.keep_running:
                     out.print(f"\nKafka at {bootstrap}, publisher at {url}, gateway at {path.gateway_url}, audit log "
                               f"at {path.audit_url}. Ctrl-C stops them all.")  # fmt: skip
@@ -227,8 +233,15 @@ async def _decide(out: Console, codec: AvroCodec, bootstrap: str, admin: Signing
     registry = KeyRegistry(codec, anchors=[anchor.public])
     registry.apply_all(r.value for r in await read_to_end(bootstrap, KEYS_TOPIC) if r.value is not None)
     shown = 6
-    table = Table("office", "item", "classification", "decision", "protected fields withheld", "determined by",
-                  title=f"the first {shown} items of each office's feed, decided now for the purpose 'prosecution'")
+    table = Table(
+        "office",
+        "item",
+        "classification",
+        "decision",
+        "protected fields withheld",
+        "determined by",
+        title=f"the first {shown} items of each office's feed, decided now for the purpose 'prosecution'",
+    )
     now = datetime.now(UTC)
     for j, office in OFFICES.items():
         topic = evidence_topic(j)

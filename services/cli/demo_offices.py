@@ -6,8 +6,8 @@ SAN URIs, from the demo's development CA), starting ``python -m services.gateway
 (stopped by PID when the block ends), running one subscription per office — the same code path as the command —
 and printing what each office got, what was withheld from it, and that it verified everything itself.
 
-:class:`ReadPath` is what a later step needs to go on from here (the auditor's replay of the audit log: the audit
-service's URL, the auditor's certificate, the log's verifier key). Does not own: the earlier steps (``demo``).
+:class:`ReadPath` is what the auditor's step needs (the audit service's URL, the auditor's certificate, the log's
+verifier key). Does not own: the earlier steps (``demo``) or the auditor's (``demo_audit``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from services.audit.note import NoteSigner
+from services.cli.audit_client import HttpLogSource
+from services.cli.receipt_proofs import AuditProver, log_verifier
 from services.cli.subscribe_cmd import Options, Result, subscribe
 from services.cli.supervise import running_service
 from services.shared.keys import PublicKey, SigningKey
@@ -125,7 +127,27 @@ async def offices_subscribe(out: Console, work: Path, path: ReadPath, *, offices
     out.print("[green]every signature, disclosure and content digest verified by each office[/green]" if verified
               else "[bold red]some office refused a record: see its rejected/ folder[/bold red]")  # fmt: skip
     await _audit_covers(out, path, sum(_receipts(r) for r in results.values()))
+    await _prove_receipts(out, work, path, offices=offices, anchor=anchor)
     return results
+
+
+async def _prove_receipts(out: Console, work: Path, path: ReadPath, *, offices: Mapping[str, str],
+                          anchor: PublicKey) -> None:  # fmt: skip
+    """Each office runs ``evhub subscribe --once --log-key VKEY`` again: resumed (nothing new), it fetches the proof
+    of every receipt it holds from the audit log, checks it with its own copy of the log's key and keeps it."""
+    log_key = log_verifier(path.log_vkey)
+    kept = []
+    for jurisdiction, office in offices.items():
+        tls = client_context(path.offices[office])
+        async with HttpLogSource(url=path.audit_url, ssl_context=tls) as source:
+            result = await subscribe(Options(
+                jurisdiction=jurisdiction, out=work / "offices" / office, gateway=path.gateway_url, tls=tls,
+                office=office, anchors=[anchor], purpose="prosecution", once=True, give_up_after_s=60.0,
+            ), prover=AuditProver(source=source, log_key=log_key))  # fmt: skip
+        proofs, new = result.summary["proofs"], result.summary["this_run"]["events"]
+        kept.append(f"{office} {proofs['kept']} kept, {proofs['awaiting']} awaiting ({new} new events)")
+    out.print("evhub subscribe --once --log-key <the log's verifier key>, run again by each office: receipt proofs "
+              "(c2sp.org/tlog-proof@v1, verified, in <dir>/proofs): " + "; ".join(kept))  # fmt: skip
 
 
 def _labels(counts: Mapping[str, int]) -> str:

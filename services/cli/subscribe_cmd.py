@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import signal
 import time
@@ -43,8 +44,10 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TaskID, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from services.cli.audit_client import HttpLogSource
 from services.cli.client_settings import ClientSettings
 from services.cli.gateway_client import GatewayClient, GatewayUnavailable, Page, parse_download_receipt, repr_digest
+from services.cli.receipt_proofs import AuditProver, log_verifier
 from services.cli.subscribe_store import Batch, SubscriptionStore, sync_dir, to_json_bytes, write_atomically
 from services.cli.subscription import (
     REDELIVERY_WINDOW,
@@ -78,6 +81,7 @@ from services.shared.registry import KeyRegistry
 from services.shared.settings import read_public_keys
 from services.shared.tls import client_context
 
+log = logging.getLogger(__name__)
 EXIT_UNTRUSTED: Final = 3
 FEED_TYPES: Final = frozenset({"event", "withdrawal", "withheld", "checkpoint"})
 POLL_WAIT_S: Final = 25.0
@@ -104,6 +108,12 @@ def register(sub: Any) -> None:
     p.add_argument("--give-up-after", type=float, metavar="S",
                    help="stop with exit 4 when the gateway has been unavailable this long (default: 120 with --once, "
                         "never when following)")  # fmt: skip
+    p.add_argument("--log-key", metavar="VKEY",
+                   help="the audit log's verifier key (name+id+key, or @FILE), given by its operator out of band: "
+                        "with it, the inclusion proof of every receipt is fetched from the audit service once a "
+                        "checkpoint covers it, verified, and kept in DIR/proofs")  # fmt: skip
+    p.add_argument("--audit", metavar="URL", help="the audit service (default $EVHUB_CLIENT_AUDIT_URL or "
+                   "https://127.0.0.1:8083); used with --log-key")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
     p.set_defaults(handler=run_subscribe)
 
@@ -122,6 +132,8 @@ class Options:
     max_events: int = 100
     give_up_after_s: float | None = None
     progress: bool = False
+    #: While following, how often to ask the audit log for the proofs of receipts held (with a prover).
+    proof_interval_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +159,21 @@ async def fetch_proofs(store: SubscriptionStore, prover: ReceiptProver) -> int:
             store.save_proof(receipt, proof)
             stored += 1
     return stored
+
+
+async def _prove_meanwhile(store: SubscriptionStore, prover: ReceiptProver, stop: asyncio.Event,
+                           every_s: float) -> None:  # fmt: skip
+    """While following: fetch proofs every ``every_s``. An unreachable audit service is tried again next time; a
+    proof that does not verify ends the subscription (raised)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+        if stop.is_set():
+            return
+        try:
+            await fetch_proofs(store, prover)
+        except InfrastructureError as exc:
+            log.warning("receipt proofs: %s (tried again in %.0f s)", exc.detail, every_s)
 
 
 def office_of(cert: Path) -> str:
@@ -510,18 +537,29 @@ async def subscribe(options: Options, *, err: Console | None = None, prover: Rec
                 follow = subscriber.poll(stop) if polling else subscriber.stream(stop)
                 task = asyncio.ensure_future(follow)
                 stopped = asyncio.ensure_future(stop.wait())
+                proving = (asyncio.ensure_future(_prove_meanwhile(store, prover, stop, options.proof_interval_s))
+                           if prover is not None and not polling else None)  # fmt: skip
                 try:
-                    await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait([task, stopped, *([proving] if proving else [])],
+                                       return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
                 finally:
                     stopped.cancel()
-                    if not task.done():
-                        task.cancel()  # safe at any point: files are atomic, rows commit together
+                    for t in (task, proving):
+                        if t is not None and not t.done():
+                            t.cancel()  # safe at any point: files are atomic, rows commit together
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                    if proving is not None and proving.cancelled():
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await proving
+                if proving is not None and proving.done() and not proving.cancelled():
+                    proving.result()  # raises what a proof that did not verify raised
                 await subscriber.flush()
             if prover is not None:
                 await fetch_proofs(store, prover)
-            return subscriber.result()
+            result = subscriber.result()
+            result.summary["proofs"] = store.proof_counts()
+            return result
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
@@ -548,7 +586,12 @@ async def run_subscribe(args: argparse.Namespace) -> int:
                       tls=client_context(files), office=office_of(files.cert), anchors=anchors, purpose=args.purpose,
                       once=args.once, transport=args.transport, max_events=args.max, give_up_after_s=give_up,
                       progress=err.is_terminal and not args.json)  # fmt: skip
-    result = await subscribe(options, err=err)
+    if args.log_key is None:
+        result = await subscribe(options, err=err)
+    else:
+        log_key = log_verifier(args.log_key)
+        async with HttpLogSource(url=args.audit or settings.audit_url, ssl_context=options.tls) as source:
+            result = await subscribe(options, err=err, prover=AuditProver(source=source, log_key=log_key))
     if args.json:
         print(json.dumps(result.summary, indent=2, ensure_ascii=False))
     else:
@@ -575,5 +618,8 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
         console.print("[green]every signature, disclosure and content digest received in this run verified[/green]")
     else:
         console.print(f"[bold red]{run['failures']} record(s) failed verification[/bold red]: see {s['dir']}/rejected")
+    if "proofs" in s and (s["proofs"]["kept"] or s["proofs"]["awaiting"]):
+        console.print(f"receipt proofs kept in {s['dir']}/proofs: {s['proofs']['kept']:,} "
+                      f"(awaiting a checkpoint: {s['proofs']['awaiting']:,})")  # fmt: skip
     if s["caught_up"]:
         console.print("caught up with the feed")

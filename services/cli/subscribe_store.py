@@ -280,6 +280,12 @@ class SubscriptionStore:
     def receipts_without_proof(self, *, limit: int = 1000) -> list[str]:
         return [r[0] for r in self._query("SELECT receipt FROM receipts WHERE proof IS NULL LIMIT ?", (limit,))]
 
+    def proof_counts(self) -> dict[str, int]:
+        """Receipts whose proof is kept, and those still awaiting one (no checkpoint covered them yet)."""
+        rows = self._query("SELECT proof IS NOT NULL, COUNT(*) FROM receipts GROUP BY proof IS NOT NULL")
+        counts = {bool(kept): int(n) for kept, n in rows}
+        return {"kept": counts.get(True, 0), "awaiting": counts.get(False, 0)}
+
     def save_proof(self, receipt: str, proof: bytes) -> Path:
         """Keep a receipt's inclusion proof beside the items (``proofs/<receipt>.tlog-proof``) and note it."""
         path = self.root / "proofs" / f"{receipt}.tlog-proof"
