@@ -33,7 +33,7 @@ from services.shared.envelope import open_envelope, seal
 from services.shared.kafka import TopicSpec, ensure_topics, evidence_topic, read_to_end
 from services.shared.local_kafka import free_port
 from services.shared.tls import client_context
-from tests.gateway.conftest import CASE, OFFICES, Hub, audit_log
+from tests.gateway.conftest import CASE, OFFICES, Hub, audit_log, gateway_env
 from tests.publishing_stack import delete_topic
 
 pytestmark = pytest.mark.kafka
@@ -55,22 +55,7 @@ POLICY: dict[str, tuple[str, str, tuple[str, ...], dict[str, list[str] | None]]]
 
 
 def _env(hub: Hub, tmp_path: Path, port: int) -> dict[str, str]:
-    anchor, admin = tmp_path / "anchor.pub.pem", tmp_path / "admin.pub.pem"
-    anchor.write_bytes(hub.stack.anchor.public.to_pem())
-    admin.write_bytes(hub.admin.public.to_pem())
-    s, tls = hub.settings, hub.certs["gateway"]
-    return {
-        "EVHUB_KAFKA_BOOTSTRAP": hub.stack.bootstrap, "EVHUB_GATEWAY_PORT": str(port),
-        "EVHUB_GATEWAY_JURISDICTIONS": json.dumps(s.jurisdictions), "EVHUB_GATEWAY_DATA_DIR": str(s.data_dir),
-        "EVHUB_GATEWAY_CONTENT_DIR": str(hub.content.path_of("0" * 64).parents[2]),
-        "EVHUB_GATEWAY_TRUST_ANCHOR_FILES": json.dumps([str(anchor)]),
-        "EVHUB_GATEWAY_POLICY_ADMIN_KEYS": json.dumps([str(admin)]),
-        "EVHUB_GATEWAY_CURSOR_KEYS": json.dumps({k: v.get_secret_value() for k, v in s.cursor_keys.items()}),
-        "EVHUB_GATEWAY_CURSOR_KEY_ID": s.cursor_key_id, "EVHUB_GATEWAY_KEYS_TOPIC": s.keys_topic,
-        "EVHUB_GATEWAY_POLICY_TOPIC": s.policy_topic, "EVHUB_GATEWAY_AUDIT_TOPIC": s.audit_topic,
-        "EVHUB_GATEWAY_DEADLETTER_TOPIC": s.deadletter_topic, "EVHUB_GATEWAY_TLS_CERT": str(tls.cert),
-        "EVHUB_GATEWAY_TLS_KEY": str(tls.key), "EVHUB_GATEWAY_TLS_CA": str(tls.ca), "PYTHONPATH": str(ROOT),
-    }  # fmt: skip
+    return gateway_env(hub, tmp_path, port, content_dir=hub.content.path_of("0" * 64).parents[2])
 
 
 def _subscribe_argv(hub: Hub, url: str, country: str, out: Path, anchor: Path, *extra: str) -> list[str]:
