@@ -45,7 +45,12 @@ UNITS: Final = frozenset(get_args(Unit))
 LATENCY_UNITS: Final = frozenset({"ms", "µs"})
 DEFAULT_RECORD_SIZE: Final = 1536
 #: Modules that define scenarios. The hub's module is optional: it is written by whoever adds hub scenarios.
-SCENARIO_MODULES: Final = ("bench.scenarios_kafka", "bench.scenarios_hub", "bench.scenarios_audit")
+SCENARIO_MODULES: Final = (
+    "bench.scenarios_kafka",
+    "bench.scenarios_hub",
+    "bench.scenarios_gateway",
+    "bench.scenarios_audit",
+)
 
 
 @dataclass(frozen=True)
