@@ -399,7 +399,10 @@ async def take_fence(key_id: str, topic: str, settings: OutboxSettings) -> AIOKa
     try:
         async with asyncio.timeout(settings.request_timeout_ms / 1000 * 2):
             await producer.start()  # InitProducerId: the fence
-    except (KafkaError, TimeoutError, OSError) as exc:
+    except (KafkaError, TimeoutError, OSError, AssertionError) as exc:
+        # AssertionError: aiokafka asserts that its metadata names a broker before it looks up the transaction
+        # coordinator ("Did we not perform bootstrap?"); right after a frozen broker comes back it may name none yet.
+        # That is Kafka not answering, like the others: retried, never fatal.
         await _dispose(producer, fail=True)
         raise KafkaUnavailable(f"could not take the signing key's fence on {topic}: {exc!r}") from exc
     return producer
