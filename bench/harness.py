@@ -4,7 +4,8 @@ Owns: the registry (:func:`scenario`), the :class:`Context` a scenario receives 
 event count, record size, an optional timed region) and the two result kinds: an operation count (the harness
 turns it into a rate or a time per operation) and :class:`Latencies` (per-operation samples, reported as
 p50/p99/max). Also runs one scenario's warm-ups and repeats (:func:`run_scenario`), which the child process and
-the profiler share.
+the profiler share, and — for scenarios registered with ``loop_lag=True`` — measures how late the event loop
+runs a timer during the timed region (:class:`LagProbe`): what every other connection of a service would wait.
 
 Does not own: processes, the broker, statistics or output (``bench.runner``, ``bench.stats``, ``bench.report``).
 
@@ -30,6 +31,7 @@ import contextlib
 import gc
 import importlib
 import importlib.util
+import math
 import os
 import time
 import uuid
@@ -39,11 +41,13 @@ from typing import Any, Final, Literal, get_args
 
 from services.shared.kafka import TopicSpec, ensure_topics
 
-Unit = Literal["events/s", "ops/s", "µs/op", "ms/op", "ms", "µs"]
+Unit = Literal["events/s", "records/s", "ops/s", "µs/op", "ms/op", "ms", "µs"]
 UNITS: Final = frozenset(get_args(Unit))
 #: Units whose value is a latency percentile of :class:`Latencies` samples; the others are computed from a count.
 LATENCY_UNITS: Final = frozenset({"ms", "µs"})
 DEFAULT_RECORD_SIZE: Final = 1536
+#: The loop-lag probe's timer period: it asks to run every 5 ms and records how late it ran.
+LAG_PERIOD_S: Final = 0.005
 #: Modules that define scenarios. The hub's module is optional: it is written by whoever adds hub scenarios.
 SCENARIO_MODULES: Final = ("bench.scenarios_kafka", "bench.scenarios_hub", "bench.scenarios_audit")
 
@@ -78,6 +82,12 @@ class Context:
     _admin: Any = field(default=None, repr=False)
     #: Set by ``--profile``: a ``cProfile.Profile`` switched on only inside :meth:`timed` blocks.
     profiler: Any = field(default=None, repr=False)
+    #: What one call did, for the report's "N x size" column, when the scenario knows better than
+    #: ``events x record_size`` (e.g. "2,000 events, 4,000 records x 1,047 B"). Set by the scenario.
+    shape: str | None = None
+    #: Measure the event loop's lag inside :meth:`timed` blocks (``loop_lag=True`` scenarios).
+    probe_lag: bool = False
+    _lag: LagProbe | None = field(default=None, repr=False)
 
     async def topic(self, *, partitions: int = 3, config: Mapping[str, str] | None = None) -> str:
         """Create a topic no other run uses, wait until every partition has a leader, and return its name.
@@ -118,6 +128,9 @@ class Context:
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
         """Measure only this block (blocks add up). Without one, the harness measures the whole call."""
+        if self.probe_lag:
+            self._lag = self._lag or LagProbe()
+            self._lag.start()
         if self.profiler is not None:
             self.profiler.enable()
         began = time.perf_counter()
@@ -127,6 +140,15 @@ class Context:
             self._timed = (self._timed or 0.0) + time.perf_counter() - began
             if self.profiler is not None:
                 self.profiler.disable()
+            if self._lag is not None:
+                self._lag.stop()
+
+    def lag(self) -> tuple[float, float] | None:
+        """(p99, max) loop lag of the current call in seconds, or None if not measured."""
+        if self._lag is None or not self._lag.samples:
+            return None
+        samples = sorted(self._lag.samples)
+        return samples[max(0, math.ceil(0.99 * len(samples)) - 1)], samples[-1]
 
     @property
     def used_timed(self) -> bool:
@@ -144,6 +166,34 @@ class Context:
                 self._topics.clear()
         finally:
             await admin.close()
+
+
+class LagProbe:
+    """How late the event loop runs a timer due every :data:`LAG_PERIOD_S`: a sample per period, in seconds.
+
+    A callback or task step that keeps the loop busy for 30 ms shows as a sample of ~30 ms: every other connection
+    of the process waited that long. On a shared machine the kernel's scheduling adds to it (a baseline with the
+    probe shows how much)."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag-probe")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_PERIOD_S
+            await asyncio.sleep(LAG_PERIOD_S)
+            self.samples.append(max(0.0, loop.time() - due))
 
 
 def _all_led(described: list[dict[str, Any]], partitions: int) -> bool:
@@ -170,6 +220,7 @@ class Scenario:
     setup: Hook | None
     teardown: Hook | None
     description: str
+    loop_lag: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -187,10 +238,13 @@ def scenario(
     quick_seconds: float | None = None,
     setup: Hook | None = None,
     teardown: Hook | None = None,
+    loop_lag: bool = False,
 ) -> Callable[[ScenarioFn], ScenarioFn]:
     """Register an async scenario. ``baseline`` names the scenario its ratio is taken against (run in the same
     run, on the same broker); ``None`` makes it a baseline itself. ``events``/``seconds`` are the full-run size,
-    ``quick_*`` the ``--quick`` size. The function's docstring's first line becomes its description.
+    ``quick_*`` the ``--quick`` size. ``record_size`` 0: records play no part (a decision, a decode); the report
+    then shows the count alone. ``loop_lag`` measures the event loop's lag inside the scenario's ``ctx.timed()``
+    blocks (:class:`LagProbe`). The function's docstring's first line becomes its description.
 
     Raises:
         ValueError: the name is taken or the unit unknown.
@@ -205,7 +259,7 @@ def scenario(
         SCENARIOS[name] = Scenario(
             name=name, fn=fn, unit=unit, baseline=baseline, events=events, quick_events=quick_events,
             record_size=record_size, seconds=seconds, quick_seconds=quick_seconds, setup=setup,
-            teardown=teardown, description=doc[0] if doc else "",
+            teardown=teardown, description=doc[0] if doc else "", loop_lag=loop_lag,
         )  # fmt: skip
         return fn
 
@@ -229,11 +283,14 @@ def load_scenarios() -> dict[str, Scenario]:
 
 @dataclass(frozen=True)
 class Repeat:
-    """One measured call: operations done and seconds measured, or latency samples (seconds)."""
+    """One measured call: operations done and seconds measured, or latency samples (seconds); the event loop's lag
+    during it (p99, max; seconds) when measured."""
 
     ops: int
     elapsed: float
     samples: tuple[float, ...] = ()
+    lag_p99: float | None = None
+    lag_max: float | None = None
 
 
 async def run_once(spec: Scenario, ctx: Context) -> Repeat:
@@ -243,18 +300,20 @@ async def run_once(spec: Scenario, ctx: Context) -> Repeat:
         RuntimeError: the scenario reported no operations or a non-positive time.
     """
     gc.collect()
-    ctx._timed = None
+    ctx._timed, ctx._lag = None, None
+    ctx.probe_lag = spec.loop_lag
     began = time.perf_counter()
     result = await spec.fn(ctx)
     elapsed = time.perf_counter() - began if ctx._timed is None else ctx._timed
+    p99, worst = ctx.lag() or (None, None)
     if isinstance(result, Latencies):
         samples = tuple(result.samples)
         if not samples:
             raise RuntimeError(f"{spec.name}: no latency samples")
-        return Repeat(ops=len(samples), elapsed=elapsed, samples=samples)
+        return Repeat(ops=len(samples), elapsed=elapsed, samples=samples, lag_p99=p99, lag_max=worst)
     if result <= 0 or elapsed <= 0:
         raise RuntimeError(f"{spec.name}: {result} operations in {elapsed:.6f}s")
-    return Repeat(ops=result, elapsed=elapsed)
+    return Repeat(ops=result, elapsed=elapsed, lag_p99=p99, lag_max=worst)
 
 
 async def run_scenario(

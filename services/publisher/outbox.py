@@ -236,8 +236,12 @@ class Outbox:
 
     def stats(self) -> dict[str, int]:
         cs = self._couriers.values()
-        return {"rounds": sum(c.rounds for c in cs), "failed_rounds": sum(c.failed_rounds for c in cs),
-                "records_sent": sum(c.records_sent for c in cs)}  # fmt: skip
+        return {
+            "rounds": sum(c.rounds for c in cs),
+            "failed_rounds": sum(c.failed_rounds for c in cs),
+            "records_sent": sum(c.records_sent for c in cs),
+            "bytes_sent": sum(c.bytes_sent for c in cs),
+        }
 
     async def stop(self, grace_s: float) -> None:
         """Let rounds in progress finish for up to ``grace_s``, write the marks, stop every producer (bounded).
