@@ -78,6 +78,7 @@ class Context:
     state: dict[str, Any] = field(default_factory=dict)
     _topics: list[str] = field(default_factory=list, repr=False)
     _timed: float | None = field(default=None, repr=False)
+    _cpu: float | None = field(default=None, repr=False)
     _payload: bytes | None = field(default=None, repr=False)
     _admin: Any = field(default=None, repr=False)
     #: Set by ``--profile``: a ``cProfile.Profile`` switched on only inside :meth:`timed` blocks.
@@ -133,11 +134,12 @@ class Context:
             self._lag.start()
         if self.profiler is not None:
             self.profiler.enable()
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self._timed = (self._timed or 0.0) + time.perf_counter() - began
+            self._cpu = (self._cpu or 0.0) + time.process_time() - cpu
             if self.profiler is not None:
                 self.profiler.disable()
             if self._lag is not None:
@@ -284,13 +286,15 @@ def load_scenarios() -> dict[str, Scenario]:
 @dataclass(frozen=True)
 class Repeat:
     """One measured call: operations done and seconds measured, or latency samples (seconds); the event loop's lag
-    during it (p99, max; seconds) when measured."""
+    during it (p99, max; seconds) when measured; the CPU seconds this process used in the measured region (all its
+    threads; not the broker's) — on a shared, loaded machine a steadier figure than the wall clock."""
 
     ops: int
     elapsed: float
     samples: tuple[float, ...] = ()
     lag_p99: float | None = None
     lag_max: float | None = None
+    cpu: float | None = None
 
 
 async def run_once(spec: Scenario, ctx: Context) -> Repeat:
@@ -300,20 +304,21 @@ async def run_once(spec: Scenario, ctx: Context) -> Repeat:
         RuntimeError: the scenario reported no operations or a non-positive time.
     """
     gc.collect()
-    ctx._timed, ctx._lag = None, None
+    ctx._timed, ctx._cpu, ctx._lag = None, None, None
     ctx.probe_lag = spec.loop_lag
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     result = await spec.fn(ctx)
     elapsed = time.perf_counter() - began if ctx._timed is None else ctx._timed
+    cpu = time.process_time() - cpu_began if ctx._cpu is None else ctx._cpu
     p99, worst = ctx.lag() or (None, None)
     if isinstance(result, Latencies):
         samples = tuple(result.samples)
         if not samples:
             raise RuntimeError(f"{spec.name}: no latency samples")
-        return Repeat(ops=len(samples), elapsed=elapsed, samples=samples, lag_p99=p99, lag_max=worst)
+        return Repeat(ops=len(samples), elapsed=elapsed, samples=samples, lag_p99=p99, lag_max=worst, cpu=cpu)
     if result <= 0 or elapsed <= 0:
         raise RuntimeError(f"{spec.name}: {result} operations in {elapsed:.6f}s")
-    return Repeat(ops=result, elapsed=elapsed, lag_p99=p99, lag_max=worst)
+    return Repeat(ops=result, elapsed=elapsed, lag_p99=p99, lag_max=worst, cpu=cpu)
 
 
 async def run_scenario(

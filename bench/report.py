@@ -55,6 +55,7 @@ class Row:
     lag_max_ms: float | None = None
     shape: str | None = None
     load_1m: float | None = None
+    cpu_us_per_op: float | None = None
 
     def size_cell(self) -> str:
         """What one call did: the scenario's own words, or N x record size (N alone where records play no part)."""
@@ -84,6 +85,7 @@ def build_rows(specs: Sequence[Scenario], results: Sequence[ChildResult]) -> lis
             peak_rss_kib=result.peak_rss_kib, events=result.events, record_size=result.record_size,
             wall_seconds=result.wall_seconds, error=result.error, shape=result.shape, load_1m=result.load_1m,
             lag_p99_ms=summary.lag_p99_ms if summary else None, lag_max_ms=summary.lag_max_ms if summary else None,
+            cpu_us_per_op=summary.cpu_us_per_op if summary else None,
         ))  # fmt: skip
     return rows
 
@@ -113,12 +115,12 @@ def markdown_table(rows: Sequence[Row]) -> str:
     head = ["scenario", "median", "ratio to baseline", "spread (min-max)"]
     head += ["p99 / max"] if latency else []
     head += ["loop lag p99 / max"] if lagged else []
-    head += ["peak RSS", "N x size"]
-    aligns = ["---", "---:", "---", "---:"] + ["---:"] * (latency + lagged) + ["---:", "---:"]
+    head += ["CPU per op", "peak RSS", "N x size"]
+    aligns = ["---", "---:", "---", "---:"] + ["---:"] * (latency + lagged) + ["---:", "---:", "---:"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(aligns) + "|"]
     for r in rows:
         if r.value is None or r.low is None or r.high is None:
-            cells = [f"`{r.name}`", f"failed: {r.error}", "—", "—"] + ["—"] * (latency + lagged)
+            cells = [f"`{r.name}`", f"failed: {r.error}", "—", "—"] + ["—"] * (latency + lagged + 1)
         else:
             cells = [f"`{r.name}`", f"{_num(r.value)} {r.unit}", _ratio_cell(r), f"{_num(r.low)}-{_num(r.high)}"]
             if latency:
@@ -126,6 +128,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
             if lagged:
                 cells.append(f"{r.lag_p99_ms:.1f} / {r.lag_max_ms:.0f} ms" if r.lag_p99_ms is not None
                              and r.lag_max_ms is not None else "—")  # fmt: skip
+            cells.append(f"{_num(r.cpu_us_per_op)} µs" if r.cpu_us_per_op is not None else "—")
         cells += [f"{r.peak_rss_kib / 1024:.0f} MiB", r.size_cell()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ Conventions (also stated in docs/performance.md):
   ``max`` = the largest sample of all repeats;
 - loop lag (scenarios that measure it): ``lag_p99`` = median of the per-repeat p99, ``lag_max`` = the largest of
   all repeats, in milliseconds;
+- CPU per operation: the median over repeats of this process's CPU time in the measured region ÷ operations, in µs;
 - ratio = value ÷ baseline value, in the scenario's unit. For a rate (events/s) below 1 is slower than the
   baseline; for a time (µs/op, ms) above 1 is slower.
 """
@@ -42,6 +43,7 @@ class Summary:
     max: float | None = None
     lag_p99_ms: float | None = None
     lag_max_ms: float | None = None
+    cpu_us_per_op: float | None = None
 
 
 def percentile(samples: Sequence[float], pct: float) -> float:
@@ -93,9 +95,11 @@ def summarise(unit: str, repeats: Sequence[Repeat]) -> Summary:
     lagged = [r for r in repeats if r.lag_p99 is not None and r.lag_max is not None]
     lag_p99 = statistics.median(r.lag_p99 for r in lagged if r.lag_p99 is not None) * 1e3 if lagged else None
     lag_max = max(r.lag_max for r in lagged if r.lag_max is not None) * 1e3 if lagged else None
+    cpus = [r.cpu / r.ops * 1e6 for r in repeats if r.cpu is not None and r.ops]
     return Summary(
         unit=unit, value=statistics.median(values), low=min(values), high=max(values), per_repeat=values,
         ops=sum(r.ops for r in repeats), p99=p99, max=worst, lag_p99_ms=lag_p99, lag_max_ms=lag_max,
+        cpu_us_per_op=statistics.median(cpus) if cpus else None,
     )  # fmt: skip
 
 

@@ -51,6 +51,7 @@ def test_quick_run_measures_every_scenario_against_its_baseline(kafka: KafkaTarg
         assert row["low"] <= row["value"] <= row["high"], name
         assert len(row["per_repeat"]) == 3, name
         assert row["peak_rss_kib"] > 0, name
+        assert row["cpu_us_per_op"] > 0, name
         assert f"`{name}`" in proc.stdout  # the table is printed
     assert rows["aiokafka-produce"]["ratio"] == 1
     # like with like: the baseline's records are the size of the envelopes the hub actually wrote, 1-3 per event
