@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,4 +74,25 @@ async def test_staging_refuses_a_sequence_number_signed_twice(tmp_path: Path) ->
         await committer.run(lambda conn: state.stage(conn, [again]))
     assert await committer.run(lambda conn: state.counter(conn, "k", "evidence.DE")) == 1
     assert [r.event_id for r in await committer.run(lambda conn: state.pending(conn))] == ["e1"]
+    committer.close()
+
+
+async def test_a_long_group_is_cut_and_the_event_loop_runs_between_its_parts(tmp_path: Path) -> None:
+    committer = state.GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    turns: list[int] = []
+
+    def slow(conn: sqlite3.Connection) -> int:
+        time.sleep(state.GROUP_BUDGET_S / 3)  # CPU-bound work standing in for signing
+        turns.append(ticks)
+        return state.next_sequence(conn, "k", "a")
+
+    ticks = 0
+    futures = [committer.submit(slow) for _ in range(12)]
+    done = asyncio.gather(*futures)
+    while not done.done():  # the loop's other work: counts its turns
+        ticks += 1
+        await asyncio.sleep(0)
+    assert await done == list(range(1, 13)), "every unit ran once, in order"
+    assert committer.groups >= 3
+    assert len(set(turns)) >= 3, "other work ran between the groups"
     committer.close()
