@@ -56,6 +56,8 @@ class Row:
     shape: str | None = None
     load_1m: float | None = None
     cpu_us_per_op: float | None = None
+    own_lag_p99_ms: float | None = None
+    own_lag_max_ms: float | None = None
 
     def size_cell(self) -> str:
         """What one call did: the scenario's own words, or N x record size (N alone where records play no part)."""
@@ -86,6 +88,8 @@ def build_rows(specs: Sequence[Scenario], results: Sequence[ChildResult]) -> lis
             wall_seconds=result.wall_seconds, error=result.error, shape=result.shape, load_1m=result.load_1m,
             lag_p99_ms=summary.lag_p99_ms if summary else None, lag_max_ms=summary.lag_max_ms if summary else None,
             cpu_us_per_op=summary.cpu_us_per_op if summary else None,
+            own_lag_p99_ms=summary.own_lag_p99_ms if summary else None,
+            own_lag_max_ms=summary.own_lag_max_ms if summary else None,
         ))  # fmt: skip
     return rows
 
@@ -107,6 +111,14 @@ def _ratio_cell(row: Row) -> str:
     return f"**{row.ratio:.3g}x** {row.baseline} ({direction})"
 
 
+def _lag_cell(r: Row) -> str:
+    if r.lag_p99_ms is None or r.lag_max_ms is None:
+        return "—"
+    own = f" ({r.own_lag_p99_ms:.1f} / {r.own_lag_max_ms:.0f})" if r.own_lag_p99_ms is not None and r.own_lag_max_ms \
+        is not None else ""  # fmt: skip
+    return f"{r.lag_p99_ms:.1f} / {r.lag_max_ms:.0f} ms{own}"
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     """The results as a Markdown table; a latency column appears when some scenario reports latencies, a loop-lag
     column when some scenario measured its event loop's lag."""
@@ -114,7 +126,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
     lagged = any(r.lag_p99_ms is not None for r in rows)
     head = ["scenario", "median", "ratio to baseline", "spread (min-max)"]
     head += ["p99 / max"] if latency else []
-    head += ["loop lag p99 / max"] if lagged else []
+    head += ["loop lag p99 / max (own CPU)"] if lagged else []
     head += ["CPU per op", "peak RSS", "N x size"]
     aligns = ["---", "---:", "---", "---:"] + ["---:"] * (latency + lagged) + ["---:", "---:", "---:"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(aligns) + "|"]
@@ -126,8 +138,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
             if latency:
                 cells.append(f"{_num(r.p99)} / {_num(r.max)} {r.unit}" if r.p99 is not None and r.max else "—")
             if lagged:
-                cells.append(f"{r.lag_p99_ms:.1f} / {r.lag_max_ms:.0f} ms" if r.lag_p99_ms is not None
-                             and r.lag_max_ms is not None else "—")  # fmt: skip
+                cells.append(_lag_cell(r))
             cells.append(f"{_num(r.cpu_us_per_op)} µs" if r.cpu_us_per_op is not None else "—")
         cells += [f"{r.peak_rss_kib / 1024:.0f} MiB", r.size_cell()]
         lines.append("| " + " | ".join(cells) + " |")

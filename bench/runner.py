@@ -140,7 +140,8 @@ def child_json(result: ChildResult) -> str:
 def parse_child(line: str) -> ChildResult:
     raw = json.loads(line)
     repeats = tuple(Repeat(ops=r["ops"], elapsed=r["elapsed"], samples=tuple(r["samples"]), lag_p99=r.get("lag_p99"),
-                           lag_max=r.get("lag_max"), cpu=r.get("cpu")) for r in raw["repeats"])  # fmt: skip
+                           lag_max=r.get("lag_max"), cpu=r.get("cpu"), own_lag_p99=r.get("own_lag_p99"),
+                           own_lag_max=r.get("own_lag_max")) for r in raw["repeats"])  # fmt: skip
     return ChildResult(**{**raw, "repeats": repeats})
 
 

@@ -63,6 +63,7 @@ def test_quick_run_measures_every_scenario_against_its_baseline(kafka: KafkaTarg
         assert events < records <= 3 * events  # fanned out to 1-3 jurisdictions
         assert rows[hub]["lag_p99_ms"] is not None
         assert rows[hub]["lag_max_ms"] >= rows[hub]["lag_p99_ms"]
+        assert 0 <= rows[hub]["own_lag_max_ms"] <= rows[hub]["lag_max_ms"]
     assert "load average" in proc.stdout
     assert report.DOCS.read_bytes() == docs_before  # --quick never rewrites the page
 
