@@ -49,7 +49,12 @@ DEFAULT_RECORD_SIZE: Final = 1536
 #: The loop-lag probe's timer period: it asks to run every 5 ms and records how late it ran.
 LAG_PERIOD_S: Final = 0.005
 #: Modules that define scenarios. The hub's module is optional: it is written by whoever adds hub scenarios.
-SCENARIO_MODULES: Final = ("bench.scenarios_kafka", "bench.scenarios_hub", "bench.scenarios_audit")
+SCENARIO_MODULES: Final = (
+    "bench.scenarios_kafka",
+    "bench.scenarios_hub",
+    "bench.scenarios_gateway",
+    "bench.scenarios_audit",
+)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ def test_quick_run_measures_every_scenario_against_its_baseline(kafka: KafkaTarg
     env = {**os.environ, "EVHUB_KAFKA_BOOTSTRAP": kafka.bootstrap}
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -37,19 +37,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from services.audit.checkpoint import TlogProof, verify_tlog_proof
-from services.audit.note import CosignatureVerifier, Ed25519Verifier, NoteSigner, Verifier, parse_vkey
+from services.audit.checkpoint import TlogProof
+from services.audit.note import CosignatureVerifier, NoteSigner, Verifier
 from services.cli.audit_client import AuditServiceUnavailable, DirectoryLogSource, EntryQuery, HttpLogSource
 from services.cli.audit_report import COLUMNS, ReplayReport, row
 from services.cli.audit_state import CheckpointState
 from services.cli.client_settings import ClientSettings
 from services.cli.policy import bootstrap, trusted_store
+from services.cli.receipt_proofs import check_proof, log_verifier, read_vkey
 from services.cli.redecision import Replayed
 from services.cli.replay import ReplayOptions, replay
 from services.cli.witness import CheckFailed, witness_once
 from services.policy.engine import PolicyEngine
 from services.policy.topic import load_store
-from services.shared import audit_records
 from services.shared.avro import AvroCodec
 from services.shared.errors import (
     ConfigurationError,
@@ -57,7 +57,6 @@ from services.shared.errors import (
     EvidenceHubError,
     InfrastructureError,
     NotFound,
-    PayloadTooLarge,
     UntrustedKey,
     ValidationFailed,
 )
@@ -152,30 +151,14 @@ def register(sub: Any) -> None:
     k.set_defaults(handler=run_witness_vkey)
 
 
-def _vkey(text: str, what: str) -> Ed25519Verifier | CosignatureVerifier:
-    """Raises: ConfigurationError for an unreadable file, UntrustedKey for a malformed key."""
-    if text.startswith("@"):
-        try:
-            text = Path(text[1:]).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read {text[1:]}: {exc.strerror}") from exc
-    try:
-        return parse_vkey(text)
-    except UntrustedKey as exc:
-        raise UntrustedKey(f"{what}: {exc.detail}") from exc
-
-
 def _log_key(args: argparse.Namespace) -> Verifier:
-    verifier = _vkey(args.log_key, "--log-key")
-    if not isinstance(verifier, Ed25519Verifier):
-        raise UntrustedKey("--log-key must be the log's Ed25519 verifier key (type 0x01), not a witness's")
-    return verifier
+    return log_verifier(args.log_key)
 
 
 def _witnesses(args: argparse.Namespace) -> list[Verifier]:
     out: list[Verifier] = []
     for text in args.witness:
-        verifier = _vkey(text, "--witness")
+        verifier = read_vkey(text, "--witness")
         if not isinstance(verifier, CosignatureVerifier):
             raise UntrustedKey("--witness keys are cosignature/v1 verifier keys (type 0x04)")
         out.append(verifier)
@@ -319,7 +302,7 @@ async def run_prove(args: argparse.Namespace) -> int:
     settings = _settings(args)
     async with _http(settings) as source:
         data = await source.receipt(args.receipt, args.size)
-    entry, verified = _check_proof(data, log_verifier, [], 0, args.receipt)
+    entry, verified = check_proof(data, log_verifier, [], 0, args.receipt)
     out: Path = args.out or Path(f"{args.receipt}.tlog-proof")
     try:
         out.write_bytes(data)
@@ -332,22 +315,6 @@ async def run_prove(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_proof(data: bytes, log_key: Verifier, witnesses: list[Verifier], quorum: int,
-                 receipt: str | None) -> tuple[dict[str, Any], Any]:  # fmt: skip
-    """Raises: DecodeError (not a proof, no entry), TrustError (signature, quorum, inclusion, wrong entry)."""
-    proof = TlogProof.parse(data)
-    if proof.extra is None:
-        raise DecodeError("the proof carries no entry (its 'extra' line): nothing to verify it against")
-    verified = verify_tlog_proof(data, entry=proof.extra, log=log_key, witnesses=witnesses, quorum=quorum)
-    try:
-        entry = audit_records.decode_entry(AvroCodec.load(), proof.extra)
-    except (DecodeError, PayloadTooLarge) as exc:
-        raise DecodeError(f"the proven entry is not an audit entry: {exc.detail}") from exc
-    if receipt is not None and entry["entry_id"] != receipt:
-        raise UntrustedKey(f"the proof is for entry {entry['entry_id']}, not receipt {receipt}")
-    return entry, verified
-
-
 async def run_verify_proof(args: argparse.Namespace) -> int:
     log_verifier = _log_key(args)
     witness_keys = _witnesses(args)
@@ -355,7 +322,7 @@ async def run_verify_proof(args: argparse.Namespace) -> int:
         data = args.file.read_bytes()
     except OSError as exc:
         raise ValidationFailed(f"cannot read {args.file}: {exc.strerror}") from exc
-    entry, verified = _check_proof(data, log_verifier, witness_keys, args.quorum, args.receipt)
+    entry, verified = check_proof(data, log_verifier, witness_keys, args.quorum, args.receipt)
     proof = TlogProof.parse(data)
     cp = verified.checkpoint
     item = (entry.get("item") or {}).get("item_id")

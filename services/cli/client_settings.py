@@ -21,6 +21,9 @@ class ClientSettings(BaseSettings):
     cert: Path | None = None
     key: Path | None = None
     ca: Path | None = None
+    #: ``evhub subscribe``: the gateway, and the publisher trust anchors (PEM public keys) the office trusts.
+    gateway_url: str = "https://127.0.0.1:8444"
+    trust_anchor_files: list[Path] = []
 
     def cert_files(self) -> CertFiles:
         """Raises: ConfigurationError unless certificate, key and CA are all given and readable."""

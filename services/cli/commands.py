@@ -15,13 +15,14 @@ from services.shared.settings import KafkaSettings
 
 
 def register(sub: Any) -> None:
-    from services.cli import audit_cmd, certs_cmd, demo, keys_cmd, policy, publish_cmd, publisher_cmd
+    from services.cli import audit_cmd, certs_cmd, demo, keys_cmd, policy, publish_cmd, publisher_cmd, subscribe_cmd
 
     publish_cmd.register(sub)
     publisher_cmd.register(sub)
     keys_cmd.register(sub)
     certs_cmd.register(sub)
     policy.register(sub)
+    subscribe_cmd.register(sub)
     audit_cmd.register(sub)
     kafka = sub.add_parser("kafka", help="run the embedded single-node Kafka broker until Ctrl-C or SIGTERM")
     kafka.add_argument("--jurisdiction", action="append", default=[], help="also create evidence.<J> (repeatable)")
@@ -65,4 +66,3 @@ async def run_kafka(args: argparse.Namespace) -> int:
             loop.remove_signal_handler(sig)
     print("Kafka stopped.", flush=True)
     return 0
-

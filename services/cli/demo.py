@@ -7,7 +7,10 @@
 5. an archivist publishes generated sample evidence (several cases; DE, FR, SE) with ``evhub publish``, then runs
    it again — everything is skipped, nothing is published twice;
 6. each jurisdiction's feed is read back from Kafka and verified with nothing but the group's public key;
-7. the policy decides what each prosecution office may read, and which protected fields it gets withheld.
+7. the policy decides what each prosecution office may read, and which protected fields it gets withheld;
+8. starts the gateway and the audit log service as their own processes behind mutual TLS (``demo_offices``);
+9. three prosecution offices (DE, FR, SE) subscribe with ``evhub subscribe --once``: each receives its own redacted
+   view, verifies every signature, disclosure and file itself, and keeps it with its receipts.
 Everything it started is stopped by PID at the end (or on Ctrl-C); ``--keep-running`` waits for Ctrl-C first.
 """
 
@@ -26,6 +29,8 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli import manifest, samples
+from services.cli.demo_audit import auditor_replays
+from services.cli.demo_offices import offices_subscribe, read_path
 from services.cli.publish import Journal, publish_all, summary
 from services.cli.supervise import running_service
 from services.policy.attributes import item_attributes
@@ -129,9 +134,21 @@ async def run_demo(args: argparse.Namespace) -> int:
             await _publish(out, work, url, ctx)
             await _verify(out, codec, bootstrap, anchor)
             await _decide(out, codec, bootstrap, admin, anchor)
-            if args.keep_running:
-                out.print(f"\nKafka at {bootstrap}, publisher at {url}. Ctrl-C stops both.")
-                await asyncio.Event().wait()
+            _write_key(keys / "policy-admin.key", admin)
+            async with read_path(out, work, bootstrap=bootstrap, offices=OFFICES,
+                                 anchor_pub=keys / "trust-anchor.pub.pem",
+                                 admin_pub=keys / "policy-admin.pub.pem") as path:  # fmt: skip
+                await offices_subscribe(out, work, path, offices=OFFICES, anchor=anchor.public)
+                de_proofs = work / "offices" / OFFICES["DE"] / "proofs"
+                audited = await auditor_replays(out, work, path, bootstrap=bootstrap, log_dir=work / "audit" / "log",
+                                                admin_pub=keys / "policy-admin.pub.pem", proofs=de_proofs)  # fmt: skip
+                out.print("[green]the audit log verified, every decision in it reproduced, the office's receipt "
+                          "proven offline, and the tampered copy caught[/green]" if audited else
+                          "[bold red]the auditor's checks did not all come out as expected[/bold red]")  # fmt: skip
+                if args.keep_running:
+                    out.print(f"\nKafka at {bootstrap}, publisher at {url}, gateway at {path.gateway_url}, audit log "
+                              f"at {path.audit_url}. Ctrl-C stops them all.")  # fmt: skip
+                    await asyncio.Event().wait()
     out.rule("done")
     out.print("Everything the demo started has been stopped.")
     return 0
@@ -216,8 +233,15 @@ async def _decide(out: Console, codec: AvroCodec, bootstrap: str, admin: Signing
     registry = KeyRegistry(codec, anchors=[anchor.public])
     registry.apply_all(r.value for r in await read_to_end(bootstrap, KEYS_TOPIC) if r.value is not None)
     shown = 6
-    table = Table("office", "item", "classification", "decision", "protected fields withheld", "determined by",
-                  title=f"the first {shown} items of each office's feed, decided now for the purpose 'prosecution'")
+    table = Table(
+        "office",
+        "item",
+        "classification",
+        "decision",
+        "protected fields withheld",
+        "determined by",
+        title=f"the first {shown} items of each office's feed, decided now for the purpose 'prosecution'",
+    )
     now = datetime.now(UTC)
     for j, office in OFFICES.items():
         topic = evidence_topic(j)

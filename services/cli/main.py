@@ -1,7 +1,8 @@
 """``evhub`` entry point: parses arguments, configures logging once, maps errors to exit codes.
 
 Exit codes: 0 ok · 1 a check failed (e.g. verification found problems) · 2 usage or bad input ·
-3 untrusted data · 4 infrastructure unavailable (retry later) · 5 configuration · 130 interrupted.
+3 untrusted data (e.g. ``evhub subscribe`` received a record that failed verification) · 4 infrastructure
+unavailable (retry later) · 5 configuration · 130 interrupted.
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ def png(width: int = 8, height: int = 8, seed: int = 0) -> bytes:
 
     rows = b"".join(b"\x00" + bytes((seed * 7 + x + 2 * y) % 256 for x in range(width)) for y in range(height))
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + b"\x08\x00\x00\x00\x00"
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    # the gradient repeats every 256 seeds; the text chunk keeps "different seeds → different bytes" true for all
+    seed_text = chunk(b"tEXt", b"seed\x00" + str(seed).encode())
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + seed_text + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))  # fmt: skip
 
 
 def pdf(text: str) -> bytes:

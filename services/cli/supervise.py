@@ -1,7 +1,8 @@
 """Starting the hub's services as real processes (``python -m services.<name>``) for the demo and tests.
 
 Owns: spawning a service with its environment, waiting until its ``/healthz`` answers over (m)TLS, and stopping it
-by PID — SIGTERM, then SIGKILL after a deadline. Never by name.
+by PID — SIGTERM, then SIGKILL after a deadline. Never by name. Also running an ``evhub`` command as its own
+process, bounded in time (:func:`run_evhub`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -82,3 +84,31 @@ async def _wait_healthy(
             if asyncio.get_running_loop().time() > deadline:
                 raise ServiceStartError(f"{url} not healthy after {timeout_s:.0f}s:\n{_tail(log_file)}")
             await asyncio.sleep(0.2)
+
+
+COMMAND_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class Ran:
+    code: int
+    output: str
+
+
+async def run_evhub(*args: str, env: dict[str, str], timeout_s: float = COMMAND_TIMEOUT_S) -> Ran:
+    """Run ``evhub ARGS`` as its own process; its exit code and what it printed (stdout, then stderr).
+
+    Raises:
+        InfrastructureError: it did not finish within ``timeout_s`` (it is killed).
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", *args, env={**os.environ, "COLUMNS": "150", **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise InfrastructureError(f"evhub {args[0]} {args[1]} did not finish within {timeout_s:.0f} s") from None
+    return Ran(proc.returncode or 0, (out + err).decode("utf-8", "replace"))

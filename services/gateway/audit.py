@@ -60,8 +60,20 @@ class AuditWriter:
                 except KafkaError as exc:
                     await producer.stop()
                     raise AuditUnavailable(f"hub.audit unreachable: {exc}") from exc
+                except BaseException:  # cancelled (the write timed out) while starting: never leak the producer
+                    await asyncio.shield(producer.stop())
+                    raise
                 self._producer = producer
             return self._producer
+
+    async def start(self) -> None:
+        """Start the producer now (at the gateway's start), so that the first office's read does not wait for it.
+        A failure is not fatal: the next write tries again."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._ready()
+        except (AuditUnavailable, TimeoutError) as exc:
+            log.warning("hub.audit producer not started yet (%r); the first write will try again", exc)
 
     def _retire(self, producer: AIOKafkaProducer) -> None:
         current = self._producer

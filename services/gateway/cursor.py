@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ _DOMAIN: Final = b"evhub-feed-cursor\x00"
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _KEY_ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
+_ONE_BYTE: Final = tuple(bytes([n]) for n in range(0x80))
 #: ``(embargo end in µs since the epoch, partition, offset)``: delayed releases up to here were handled.
 EmbargoMark = tuple[int, int, int]
 
@@ -71,6 +71,8 @@ def start(partitions: int, *, now_micros: int) -> Cursor:
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -127,17 +129,14 @@ class CursorKeys:
 
     def _mac(self, key_id: str, office: str, jurisdiction: str, body: bytes) -> bytes:
         message = _DOMAIN + office.encode() + b"\x00" + jurisdiction.encode() + b"\x00" + body
-        return hmac.new(self._keys[key_id], message, hashlib.sha256).digest()[:MAC_BYTES]
+        return hmac.digest(self._keys[key_id], message, "sha256")[:MAC_BYTES]
 
     def encode(self, cursor: Cursor, *, office: str, jurisdiction: str) -> str:
         key_id = self._current.encode("ascii")
-        body = bytearray([VERSION, len(key_id)]) + key_id + _varint(len(cursor.positions))
-        for offset in cursor.positions:
-            body += _varint(offset)
-        for part in cursor.embargo_mark:
-            body += _varint(part)
-        mac = self._mac(self._current, office, jurisdiction, bytes(body))
-        return base64.urlsafe_b64encode(bytes(body) + mac).rstrip(b"=").decode("ascii")
+        body = b"".join([bytes([VERSION, len(key_id)]), key_id, _varint(len(cursor.positions)),
+                         *map(_varint, cursor.positions), *map(_varint, cursor.embargo_mark)])  # fmt: skip
+        mac = self._mac(self._current, office, jurisdiction, body)
+        return base64.urlsafe_b64encode(body + mac).rstrip(b"=").decode("ascii")
 
     def decode(self, text: str, *, office: str, jurisdiction: str) -> Cursor:
         """Raises: InvalidCursor — malformed, another version, an unknown key, or a MAC that does not match (tampered,

@@ -39,7 +39,9 @@ from services.gateway.release import (
     audit_entry,
     decide_record,
     released_event,
+    released_json,
     withheld_event,
+    withheld_json,
 )
 from services.gateway.store import GatewayStore, IndexedRecord
 from services.policy.model import READ_CONTENT, READ_FEED, READ_ITEM, FeedRef, ItemAttributes
@@ -54,9 +56,18 @@ Clock = Callable[[], datetime]
 NewId = Callable[[], str]
 
 
+@dataclass(frozen=True)
+class FeedEvent:
+    """One event of a page, already rendered as JSON text (``release.released_json`` / ``withheld_json``)."""
+
+    type: str
+    cursor: str
+    json: str
+
+
 @dataclass
 class FeedPage:
-    events: list[dict[str, Any]]
+    events: list[FeedEvent]
     cursor: str
     caught_up: bool
 
@@ -183,7 +194,7 @@ class Gateway:
         return True
 
     async def _last_attributes(self, reader: TopicReader, item_id: str) -> ItemAttributes | None:
-        rows = await asyncio.to_thread(self.store.item, reader.topic, item_id)
+        rows = self.store.item(reader.topic, item_id)  # indexed; on the loop (see store)
         events = [r for r in rows if r.kind == "event" and r.attributes is not None]
         return ItemAttributes.model_validate(events[-1].attributes) if events else None
 
@@ -203,9 +214,8 @@ class Gateway:
     async def _due(self, who: Requester, reader: TopicReader, cursor: Cursor, now_s: int, limit: int,
                    at: datetime) -> tuple[list[Step], EmbargoMark, bool]:  # fmt: skip
         """Late releases owed to this cursor; the new mark; whether every one due by ``now_s`` was handled."""
-        rows: list[IndexedRecord] = await asyncio.to_thread(
-            self.store.embargoes_ending, reader.topic, after=cursor.embargo_mark, until=now_s, limit=limit
-        )
+        rows: list[IndexedRecord] = self.store.embargoes_ending(reader.topic, after=cursor.embargo_mark, until=now_s,
+                                                                limit=limit)  # fmt: skip
         steps, mark = [], cursor.embargo_mark
         for row in rows:
             mark = (row.embargo_until or 0, row.partition, row.offset)
@@ -236,7 +246,8 @@ class Gateway:
         return steps
 
     def caught_up(self, reader: TopicReader, cursor: Cursor) -> bool:
-        return all(cursor.positions[p] >= reader.position(p) for p in reader.partitions)
+        """The cursor passed every record the reader verified, and the reader had reached the topic's end."""
+        return reader.at_end and all(cursor.positions[p] >= reader.position(p) for p in reader.partitions)
 
     async def feed(self, who: Requester, jurisdiction: str, cursor: Cursor, *, limit: int,
                    wait_s: float = 0.0) -> FeedPage:  # fmt: skip
@@ -280,17 +291,17 @@ class Gateway:
             text = self.cursor_keys.encode(step.cursor, office=office, jurisdiction=jurisdiction)
             location = next(where)
             if step.outcome.released:
-                events.append(released_event(step.outcome, codec=self.codec, cursor=text, audit=location,
-                                             late=step.late))  # fmt: skip
+                body = released_json(step.outcome, codec=self.codec, cursor=text, audit=location, late=step.late)
+                events.append(FeedEvent(step.outcome.record.kind, text, body))
             else:
-                events.append(withheld_event(step.outcome, cursor=text, audit=location))
+                events.append(FeedEvent("withheld", text, withheld_json(step.outcome, cursor=text, audit=location)))
         return FeedPage(events=events, cursor=self.cursor_keys.encode(final, office=office, jurisdiction=jurisdiction),
                         caught_up=self.caught_up(reader, final))  # fmt: skip
 
     # --- items and content ---------------------------------------------------------------------------------------
 
     async def _item_records(self, reader: TopicReader, item_id: str) -> list[EvidenceRecord]:
-        rows = await asyncio.to_thread(self.store.item, reader.topic, item_id)
+        rows = self.store.item(reader.topic, item_id)  # indexed; on the loop (see store)
         records = [await self._record_at(reader, r.partition, r.offset) for r in rows]
         return [r for r in records if r is not None and self._trusted_now(r)]
 
@@ -336,7 +347,7 @@ class Gateway:
         """
         reader = self.reader_for(jurisdiction)
         self.check_ready()
-        rows = await asyncio.to_thread(self.store.item, reader.topic, item_id)
+        rows = self.store.item(reader.topic, item_id)  # indexed; on the loop (see store)
         listing = [r for r in rows if r.kind == "event" and sha256 in r.content]
         if not listing:
             raise NotFound("no such content")

@@ -34,7 +34,6 @@ from aiokafka.errors import KafkaError
 from services.gateway.cursor import micros
 from services.gateway.release import EvidenceRecord
 from services.gateway.store import GatewayStore, IndexedRecord
-from services.policy.attributes import item_attributes
 from services.shared.avro import AvroCodec
 from services.shared.envelope import KeyResolver, open_envelope
 from services.shared.errors import DecodeError, EvidenceHubError, KafkaUnavailable, TrustError, UntrustedKey
@@ -81,7 +80,8 @@ def index_entry(record: EvidenceRecord) -> IndexedRecord:
     content: tuple[str, ...] = ()
     embargo = None
     if record.kind == "event":
-        attrs = item_attributes(record.record, withdrawn=False)
+        attrs = record.signed_attributes
+        assert attrs is not None  # an event has them
         attributes = attrs.model_dump(mode="json")
         content = tuple(c["sha256"] for c in record.record["content"])
         if attrs.embargo_until is not None:  # whole seconds, as the policy engine compares it (see ``gateway``)
@@ -156,6 +156,9 @@ class TopicReader:
         self._changed = asyncio.Event()
         self.ready = asyncio.Event()
         self.verified = 0
+        #: Whether the reader had verified every record up to the end of the topic as of its last fetch (the end:
+        #: the last stable offset, i.e. past transaction markers too). False until the first fetch was answered.
+        self.at_end = False
 
     async def load(self) -> None:
         """Where the reader stopped, and what it knew, from the gateway's state; the topic's partitions.
@@ -200,10 +203,20 @@ class TopicReader:
                 batches = await consumer.getmany(*tps, timeout_ms=500, max_records=MAX_RECORDS)
                 if batches:
                     await self._apply(consumer, batches)
+                self.at_end = await self._reached_end(consumer, tps)
         except KafkaError as exc:
             raise KafkaUnavailable(f"lost {self.topic}: {exc}") from exc
         finally:
             await consumer.stop()
+
+    @staticmethod
+    async def _reached_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> bool:
+        for tp in tps:
+            end = consumer.last_stable_offset(tp)
+            end = consumer.highwater(tp) if end is None or end < 0 else end
+            if end is None or await consumer.position(tp) < end:
+                return False
+        return True
 
     async def _verify_one(self, tp: TopicPartition, offset: int, value: bytes | None) -> Entry:
         try:
@@ -253,8 +266,8 @@ class TopicReader:
             return
         positions = {p: es[-1].offset + 1 for p, es in learned.items() if es}
         records = [index_entry(e) for es in learned.values() for e in es if isinstance(e, EvidenceRecord)]
-        await asyncio.to_thread(
-            self._store.commit, self.topic, positions=positions, sequences=self._tracker.take_dirty(),
+        self._store.commit(  # on the loop: no fsync (see store); a worker thread waited for the GIL instead
+            self.topic, positions=positions, sequences=self._tracker.take_dirty(),
             rejected=[(r.partition, r.offset, r.reason) for r in rejected], records=records,
         )  # fmt: skip
         for p, entries in learned.items():

@@ -14,9 +14,11 @@ the audit log (``audit``), cursors (``cursor``).
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any, Final, Literal
 
 from services.policy.attributes import item_attributes
@@ -47,6 +49,16 @@ class EvidenceRecord:
     key_id: str
     sequence: int
     disclosures: tuple[str, ...]
+    #: What is rendered of this record for offices, by what they may see (see :func:`released_json`); filled on
+    #: first use, so each record is rendered once per distinct view, not once per office and read.
+    renders: dict[tuple[Any, ...], str] = field(default_factory=dict, compare=False, repr=False)
+    #: The disclosures forwarded for each set of allowed labels (``forwarded_disclosures``), computed once.
+    visible: dict[tuple[str, ...], tuple[str, ...]] = field(default_factory=dict, compare=False, repr=False)
+
+    @cached_property
+    def signed_attributes(self) -> ItemAttributes | None:
+        """The attributes the policy decides on, from the signed event (not withdrawn); None for a withdrawal."""
+        return item_attributes(self.record, withdrawn=False) if self.kind == "event" else None
 
     @property
     def kind(self) -> Kind:
@@ -106,7 +118,9 @@ def attributes_of(
     A withdrawal record is decided on the withdrawn item's last event (``last_attributes``) as it was before it was
     withdrawn; without one (the item was never seen here) on nothing but its id and case ids, so it is refused."""
     if record.kind == "event":
-        return item_attributes(record.record, withdrawn=withdrawn)
+        signed = record.signed_attributes
+        assert signed is not None  # an event always has them
+        return signed.model_copy(update={"withdrawn": True}) if withdrawn else signed
     if last_attributes is not None:
         return last_attributes.model_copy(update={"withdrawn": False})
     return ItemAttributes(item_id=record.item_id, case_ids=tuple(record.record["case_ids"]), withdrawn=True)
@@ -133,7 +147,12 @@ def forwarded_disclosures(record: EvidenceRecord, allowed: Sequence[str]) -> tup
     """The record's disclosures that match a signed digest whose label is in ``allowed``."""
     if record.kind != "event" or not allowed:
         return ()
-    return tuple(disclosure.visible(record.disclosures, record.record.get("protected", []), allowed=allowed))
+    key = tuple(allowed)
+    found = record.visible.get(key)
+    if found is None:
+        found = tuple(disclosure.visible(record.disclosures, record.record.get("protected", []), allowed=allowed))
+        record.visible[key] = found
+    return found
 
 
 def deny_source(decision: Decision) -> str | None:
@@ -246,6 +265,39 @@ def released_event(
     if cursor is None:
         del body["cursor"]
     return body
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+
+
+def released_json(outcome: Outcome, *, codec: AvroCodec, cursor: str, audit: AuditLocation, late: bool = False) -> str:
+    """:func:`released_event` as JSON text (ASCII, one line), for feeds. What is the same for every office that
+    may see the same disclosures — the redacted envelope, the decoded payload, the labels, the policy version — is
+    rendered once per record and view (``EvidenceRecord.renders``); only the cursor, the receipt and its location
+    are rendered per office."""
+    record = outcome.record
+    disclosed = allowed_labels(outcome.decision, outcome.attributes)
+    withheld = withheld_labels(outcome.decision, outcome.attributes)
+    key = (outcome.disclosures, disclosed, withheld, outcome.decision.policy_version)
+    static = record.renders.get(key)
+    if static is None:
+        envelope = with_disclosures(codec, record.envelope, outcome.disclosures)
+        static = _compact({
+            "topic": record.topic, "partition": record.partition, "offset": record.offset,
+            "envelope": base64.b64encode(envelope).decode("ascii"), "payload_type": record.payload_type,
+            record.kind: _json_value(record.record), "disclosed_fields": list(disclosed),
+            "withheld_fields": list(withheld), "policy_version": outcome.decision.policy_version,
+        })[1:-1]  # fmt: skip
+        record.renders[key] = static
+    head = _compact({"type": record.kind, "cursor": cursor, "receipt": outcome.entry_id, "audit": audit.to_json()})
+    tail = ',"late":true' if late else ""
+    return f"{head[:-1]},{static}{tail}}}"
+
+
+def withheld_json(outcome: Outcome, *, cursor: str, audit: AuditLocation) -> str:
+    """:func:`withheld_event` as JSON text."""
+    return _compact(withheld_event(outcome, cursor=cursor, audit=audit))
 
 
 def withheld_event(outcome: Outcome, *, cursor: str | None, audit: AuditLocation) -> dict[str, Any]:

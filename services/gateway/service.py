@@ -6,6 +6,8 @@ Routes (every error is RFC 9457 problem+json; the full contract is docs/gateway-
                                                       (resume with ``Last-Event-ID``)
     GET /v1/items/{item_id}                           the latest version the office may see, with its history
     GET /v1/items/{item_id}/content/{sha256}          the bytes, with Range (206/416) and Repr-Digest
+    GET /v1/keys                                      the key registry records (anchor-signed bytes) offices verify
+                                                      events with, checked by each office against its own anchors
     GET /healthz                                      views, readers, dead letters, audit counters
 Offices are named by their client certificate (``urn:evhub:office:<ID>``, ``services.shared.principals``); a
 certificate naming no office is refused with 403, a connection without a certificate from the configured CA
@@ -21,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -69,9 +73,26 @@ SETTINGS = web.AppKey("gateway_settings", GatewaySettings)
 CONTENT = web.AppKey("gateway_content", ContentStore)
 FAILED = web.AppKey("gateway_failed", list[str])
 CRASHED = web.AppKey("gateway_crashed", asyncio.Event)
+#: The newest ``hub.keys`` record the gateway's registry accepted, per key id, as the bytes read from Kafka.
+KEY_RECORDS = web.AppKey("gateway_key_records", dict[str, bytes])
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _PURPOSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 CHUNK: Final = 1 << 20
+
+
+class RandomIds:
+    """UUID4 strings for audit entries (the offices' receipts), drawing the randomness for 256 of them at a time:
+    one ``os.urandom`` call per id cost ~8 µs of every delivered record."""
+
+    def __init__(self, *, batch: int = 256) -> None:
+        self._batch, self._pool, self._at = batch, b"", 0
+
+    def __call__(self) -> str:
+        if self._at >= len(self._pool):
+            self._pool, self._at = os.urandom(16 * self._batch), 0
+        raw = self._pool[self._at : self._at + 16]
+        self._at += 16
+        return str(uuid.UUID(bytes=raw, version=4))
 
 
 def principal_of(request: web.Request) -> Principal:
@@ -138,8 +159,10 @@ async def feed(request: web.Request) -> web.StreamResponse:
     wait_s = _seconds(request, "wait", settings.max_wait_s)
     cursor = gateway.cursor(request.query.get("cursor") or None, office=who.principal.name, jurisdiction=jurisdiction)
     page = await gateway.feed(who, jurisdiction, cursor, limit=limit, wait_s=wait_s)
-    body = {"jurisdiction": jurisdiction, "events": page.events, "cursor": page.cursor, "caught_up": page.caught_up}
-    return web.json_response(body, headers={"Cache-Control": "no-store"})
+    # the events are JSON text already (rendered once per record and view): the page is assembled, not re-encoded
+    body = (f'{{"jurisdiction":{json.dumps(jurisdiction)},"events":[{",".join(e.json for e in page.events)}],'
+            f'"cursor":{json.dumps(page.cursor)},"caught_up":{json.dumps(page.caught_up)}}}')  # fmt: skip
+    return web.Response(text=body, content_type="application/json", headers={"Cache-Control": "no-store"})
 
 
 async def feed_events(request: web.Request) -> web.StreamResponse:
@@ -155,22 +178,33 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
                                    headers={"Cache-Control": "no-store"})  # fmt: skip
     await response.prepare(request)
     office = who.principal.name
+    writing: asyncio.Task[None] | None = None
+
+    async def send(frames: bytes) -> None:
+        async with asyncio.timeout(settings.sse_send_timeout_s):  # a stalled client is dropped
+            await response.write(frames)
+
     try:
         while True:
-            frames = b"".join(sse.frame(e["type"], e, event_id=e["cursor"]) for e in page.events)
+            frames = b"".join(sse.frame_json(e.type, e.json, event_id=e.cursor) for e in page.events)
             following = gateway.cursor(page.cursor, office=office, jurisdiction=jurisdiction)
             if not page.events and following.positions != cursor.positions:  # passed only rejected records
                 frames = sse.frame("checkpoint", {"type": "checkpoint", "cursor": page.cursor}, event_id=page.cursor)
             cursor = following
+            if writing is not None:
+                await writing  # pages go out one at a time, in order
+                writing = None
             if frames:
-                async with asyncio.timeout(settings.sse_send_timeout_s):  # a stalled client is dropped
-                    await response.write(frames)
+                writing = asyncio.create_task(send(frames))
+            # the next page is decided and audited (write-ahead, as always) while this one drains to the client
             page = await gateway.feed(who, jurisdiction, cursor, limit=limit, wait_s=settings.sse_ping_s)
     except EvidenceHubError as exc:
         body = {"type": "error", "status": exc.http_status, "title": exc.title, "detail": exc.detail}
         if exc.retriable:
             body["retry_after"] = settings.retry_after_s
         with contextlib.suppress(Exception):
+            if writing is not None:
+                await writing
             await response.write(sse.frame("error", body))
     except TimeoutError:  # the client stopped reading: drop it (it resumes from its Last-Event-ID)
         log.info("SSE subscriber %s on %s too slow; disconnected", office, jurisdiction)
@@ -179,6 +213,9 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, RuntimeError) as exc:  # gone, or written after EOF
         log.info("SSE subscriber %s on %s dropped: %r", office, jurisdiction, exc)
     finally:
+        if writing is not None:
+            writing.cancel()
+            await asyncio.gather(writing, return_exceptions=True)  # its failure is moot now; ours propagates
         with contextlib.suppress(Exception):
             response.stop_streaming()
     return response
@@ -252,6 +289,20 @@ def _quote(name: str) -> str:
     return quote(name, safe="")
 
 
+async def key_records(request: web.Request) -> web.Response:
+    """The key registry as offices need it: each record exactly as read from ``hub.keys`` (signed by a trust
+    anchor over those bytes), the newest accepted revision per key. Offices verify them with their own anchors;
+    nothing here asks them to trust the gateway."""
+    principal_of(request)  # any hub principal: the records are public keys, signed
+    gateway = request.app.get(GATEWAY)
+    if gateway is None:
+        raise InfrastructureError("the gateway is starting")
+    gateway.keys_follower.check_fresh(request.app[SETTINGS].max_view_age_s)
+    records = [base64.b64encode(r).decode("ascii") for r in request.app[KEY_RECORDS].values()]
+    body = {"records": records, "keys_age_s": gateway.keys_follower.age()}
+    return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
 async def healthz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     body: dict[str, Any] = {
@@ -317,10 +368,12 @@ def create_app(
     app[FAILED] = []
     app[CRASHED] = asyncio.Event()
     app[CONTENT] = content if content is not None else LocalContentStore(settings.content_dir)
+    app[KEY_RECORDS] = {}
 
     def apply_key(record: Any) -> None:
         try:
-            registry.apply(record.value or b"")
+            entry = registry.apply(record.value or b"")
+            app[KEY_RECORDS][entry.key.key_id] = record.value or b""
         except EvidenceHubError as exc:
             log.error("key record %s[%d]@%d refused: %s", record.topic, record.partition, record.offset, exc.detail)
 
@@ -348,10 +401,11 @@ def create_app(
             }  # fmt: skip
             for reader in readers.values():
                 await reader.load()
+            await audit.start()
             app[GATEWAY] = Gateway(
                 codec=codec, registry=registry, keys_follower=keys_follower, policy=policy, store=store,
                 readers=readers, catchup=catchup, audit=audit, cursor_keys=cursor_keys,
-                clock=clock or (lambda: datetime.now(UTC)), new_id=lambda: str(uuid.uuid4()),
+                clock=clock or (lambda: datetime.now(UTC)), new_id=RandomIds(),
                 instance=settings.instance, max_view_age_s=settings.max_view_age_s, failures=app[FAILED],
             )  # fmt: skip
             assert policy.follower is not None
@@ -383,6 +437,7 @@ def create_app(
     app.router.add_get("/v1/feeds/{jurisdiction}", feed)
     app.router.add_get("/v1/items/{item_id}", get_item)
     app.router.add_get("/v1/items/{item_id}/content/{sha256:[0-9a-f]{64}}", get_content)
+    app.router.add_get("/v1/keys", key_records)
     return app
 
 

@@ -26,6 +26,19 @@ def frame(event: str, data: Mapping[str, Any], *, event_id: str | None = None) -
     return "\n".join(lines).encode("ascii")
 
 
+def frame_json(event: str, text: str, *, event_id: str | None = None) -> bytes:
+    """Like :func:`frame`, for data that is JSON text already (ASCII, one line).
+
+    Raises:
+        ValueError: a line break or NUL in the type, id or data, or data that is not ASCII.
+    """
+    for value in (event, event_id or "", text):
+        if any(c in value for c in "\r\n\0"):
+            raise ValueError("SSE field with a line break")
+    head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id is not None else "")
+    return (head + f"data: {text}\n\n").encode("ascii")
+
+
 def comment(text: str) -> bytes:
     """A comment line (ignored by clients; a keep-alive)."""
     return f": {text.replace(chr(10), ' ').replace(chr(13), ' ')}\n\n".encode()

@@ -5,10 +5,14 @@ state (``services.shared.sequences``), the records that failed verification (nev
 catch-up read of an old offset refuses them too), and an index of the verified records (item id, version, kind,
 the attributes the policy decides on, content digests, embargo end) that answers item look-ups, withdrawals and
 delayed releases without keeping the history in memory. One transaction per verified batch: offsets and what was
-learned from the records before them become durable together (the local-state-consumer pattern), so a restart
-resumes exactly where the reader stopped.
+learned from the records before them are committed together (the local-state-consumer pattern), so a restart
+resumes exactly where the reader stopped. Commits are not fsynced (``synchronous=NORMAL``): everything here is
+derived from Kafka, so a transaction lost to a power cut only means reading those records again.
 
-Blocking (sqlite3): call it from a worker thread (``asyncio.to_thread``); one lock serialises the connection.
+Blocking (sqlite3), and called on the event loop once the gateway runs: commits do not fsync and queries use
+indexes, so each call is short, while a call in a worker thread waited for the GIL behind the busy loop at every
+statement (measured under load: 55-68 ms to commit a batch of 7 records from a thread). One lock serialises the
+connection (start-up reads still run in a thread).
 Does not own: verification (``reader``), what is released (``release``).
 """
 
@@ -62,7 +66,10 @@ class GatewayStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            # Every row here is derived from Kafka and re-derived by reading on from where the state says, so a
+            # transaction lost to a power cut is read again, not lost; NORMAL (no fsync per commit in WAL mode; a
+            # process crash loses nothing) keeps an fsync off the path of every record to the offices.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"gateway state {path}: {exc}") from exc

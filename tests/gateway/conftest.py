@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import ssl
 import uuid
@@ -216,3 +217,23 @@ async def audit_log(hub: Hub) -> dict[str, Audited]:
             entry = decode_entry(hub.stack.codec, data)
             out[entry["entry_id"]] = Audited(record.offset, index, record.timestamp, entry)
     return out
+
+
+def gateway_env(hub: Hub, tmp_path: Path, port: int, *, content_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of ``python -m services.gateway`` on the hub's state, topics and certificate."""
+    anchor, admin = tmp_path / "anchor.pub.pem", tmp_path / "admin.pub.pem"
+    anchor.write_bytes(hub.stack.anchor.public.to_pem())
+    admin.write_bytes(hub.admin.public.to_pem())
+    s, tls = hub.settings, hub.certs["gateway"]
+    return {
+        "EVHUB_KAFKA_BOOTSTRAP": hub.stack.bootstrap, "EVHUB_GATEWAY_PORT": str(port),
+        "EVHUB_GATEWAY_JURISDICTIONS": json.dumps(s.jurisdictions), "EVHUB_GATEWAY_DATA_DIR": str(s.data_dir),
+        "EVHUB_GATEWAY_CONTENT_DIR": str(content_dir), "EVHUB_GATEWAY_TRUST_ANCHOR_FILES": json.dumps([str(anchor)]),
+        "EVHUB_GATEWAY_POLICY_ADMIN_KEYS": json.dumps([str(admin)]),
+        "EVHUB_GATEWAY_CURSOR_KEYS": json.dumps({k: v.get_secret_value() for k, v in s.cursor_keys.items()}),
+        "EVHUB_GATEWAY_CURSOR_KEY_ID": s.cursor_key_id, "EVHUB_GATEWAY_KEYS_TOPIC": s.keys_topic,
+        "EVHUB_GATEWAY_POLICY_TOPIC": s.policy_topic, "EVHUB_GATEWAY_AUDIT_TOPIC": s.audit_topic,
+        "EVHUB_GATEWAY_DEADLETTER_TOPIC": s.deadletter_topic, "EVHUB_GATEWAY_TLS_CERT": str(tls.cert),
+        "EVHUB_GATEWAY_TLS_KEY": str(tls.key), "EVHUB_GATEWAY_TLS_CA": str(tls.ca),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]), **extra,
+    }  # fmt: skip

@@ -138,6 +138,7 @@ async def _read_sse(response: object, n: int) -> list[tuple[str, str, dict[str, 
 
 async def test_items_api_returns_the_latest_version_with_its_history(hub: Hub) -> None:
     await hub.publish("ITEM-V", countries=("DE",))
+    await hub.drain("DE", until=lambda e: len(e) >= 1)  # the gateway has read it (the item index follows its reader)
     async with hub.session() as s, s.get(f"{hub.url}/v1/items/ITEM-V") as r:
         assert r.status == 200
         body = await r.json()

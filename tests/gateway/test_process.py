@@ -3,7 +3,6 @@ and no duplicate; every item reached it only after its audit entry was on the br
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from services.cli.supervise import running_service
 from services.shared.kafka import TopicSpec, ensure_topics, evidence_topic, read_to_end
 from services.shared.local_kafka import free_port
 from services.shared.tls import client_context
-from tests.gateway.conftest import Hub, audit_log
+from tests.gateway.conftest import Hub, audit_log, gateway_env
 from tests.publishing_stack import delete_topic
 
 pytestmark = pytest.mark.kafka
@@ -27,22 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(hub: Hub, tmp_path: Path, port: int) -> dict[str, str]:
-    anchor, admin = tmp_path / "anchor.pub.pem", tmp_path / "admin.pub.pem"
-    anchor.write_bytes(hub.stack.anchor.public.to_pem())
-    admin.write_bytes(hub.admin.public.to_pem())
-    s, tls = hub.settings, hub.certs["gateway"]
-    return {
-        "EVHUB_KAFKA_BOOTSTRAP": hub.stack.bootstrap, "EVHUB_GATEWAY_PORT": str(port),
-        "EVHUB_GATEWAY_JURISDICTIONS": json.dumps(s.jurisdictions), "EVHUB_GATEWAY_DATA_DIR": str(s.data_dir),
-        "EVHUB_GATEWAY_CONTENT_DIR": str(s.content_dir), "EVHUB_GATEWAY_TRUST_ANCHOR_FILES": json.dumps([str(anchor)]),
-        "EVHUB_GATEWAY_POLICY_ADMIN_KEYS": json.dumps([str(admin)]),
-        "EVHUB_GATEWAY_CURSOR_KEYS": json.dumps({k: v.get_secret_value() for k, v in s.cursor_keys.items()}),
-        "EVHUB_GATEWAY_CURSOR_KEY_ID": s.cursor_key_id, "EVHUB_GATEWAY_KEYS_TOPIC": s.keys_topic,
-        "EVHUB_GATEWAY_POLICY_TOPIC": s.policy_topic, "EVHUB_GATEWAY_AUDIT_TOPIC": s.audit_topic,
-        "EVHUB_GATEWAY_DEADLETTER_TOPIC": s.deadletter_topic, "EVHUB_GATEWAY_TLS_CERT": str(tls.cert),
-        "EVHUB_GATEWAY_TLS_KEY": str(tls.key), "EVHUB_GATEWAY_TLS_CA": str(tls.ca),
-        "EVHUB_GATEWAY_TAIL_RECORDS": "16", "PYTHONPATH": str(ROOT),
-    }  # fmt: skip
+    return gateway_env(hub, tmp_path, port, content_dir=hub.settings.content_dir, EVHUB_GATEWAY_TAIL_RECORDS="16")
 
 
 async def _page(session: aiohttp.ClientSession, url: str, cursor: str | None) -> tuple[dict[str, Any], float]:
