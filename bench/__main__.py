@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     documents = not (plan.quick or args.scenario or args.no_docs)
     path = report.write_json(doc, out=out, started=started, latest=documents)
     print(table)
-    print(f"\nresults: {path}  ({outcome.wall_seconds:.0f} s)")
+    print(f"\nresults: {path}  ({outcome.wall_seconds:.0f} s; {report.load_summary(doc)})")
     failed = [r.name for r in rows if r.error]
     if failed:
         print(f"bench: failed: {', '.join(failed)}", file=sys.stderr)

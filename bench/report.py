@@ -51,6 +51,19 @@ class Row:
     record_size: int
     wall_seconds: float
     error: str | None
+    lag_p99_ms: float | None = None
+    lag_max_ms: float | None = None
+    shape: str | None = None
+    load_1m: float | None = None
+    cpu_us_per_op: float | None = None
+    own_lag_p99_ms: float | None = None
+    own_lag_max_ms: float | None = None
+
+    def size_cell(self) -> str:
+        """What one call did: the scenario's own words, or N x record size (N alone where records play no part)."""
+        if self.shape:
+            return self.shape
+        return f"{self.events:,} x {self.record_size:,} B" if self.record_size else f"{self.events:,}"
 
 
 def build_rows(specs: Sequence[Scenario], results: Sequence[ChildResult]) -> list[Row]:
@@ -72,7 +85,11 @@ def build_rows(specs: Sequence[Scenario], results: Sequence[ChildResult]) -> lis
             high=summary.high if summary else None, per_repeat=summary.per_repeat if summary else (),
             p99=summary.p99 if summary else None, max=summary.max if summary else None, ratio=rel,
             peak_rss_kib=result.peak_rss_kib, events=result.events, record_size=result.record_size,
-            wall_seconds=result.wall_seconds, error=result.error,
+            wall_seconds=result.wall_seconds, error=result.error, shape=result.shape, load_1m=result.load_1m,
+            lag_p99_ms=summary.lag_p99_ms if summary else None, lag_max_ms=summary.lag_max_ms if summary else None,
+            cpu_us_per_op=summary.cpu_us_per_op if summary else None,
+            own_lag_p99_ms=summary.own_lag_p99_ms if summary else None,
+            own_lag_max_ms=summary.own_lag_max_ms if summary else None,
         ))  # fmt: skip
     return rows
 
@@ -94,22 +111,36 @@ def _ratio_cell(row: Row) -> str:
     return f"**{row.ratio:.3g}x** {row.baseline} ({direction})"
 
 
+def _lag_cell(r: Row) -> str:
+    if r.lag_p99_ms is None or r.lag_max_ms is None:
+        return "—"
+    own = f" ({r.own_lag_p99_ms:.1f} / {r.own_lag_max_ms:.0f})" if r.own_lag_p99_ms is not None and r.own_lag_max_ms \
+        is not None else ""  # fmt: skip
+    return f"{r.lag_p99_ms:.1f} / {r.lag_max_ms:.0f} ms{own}"
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
-    """The results as a Markdown table; a latency column appears when some scenario reports latencies."""
+    """The results as a Markdown table; a latency column appears when some scenario reports latencies, a loop-lag
+    column when some scenario measured its event loop's lag."""
     latency = any(r.p99 is not None for r in rows)
+    lagged = any(r.lag_p99_ms is not None for r in rows)
     head = ["scenario", "median", "ratio to baseline", "spread (min-max)"]
     head += ["p99 / max"] if latency else []
-    head += ["peak RSS", "N x size"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---:", "---", "---:"] + (["---:"] if latency
-             else []) + ["---:", "---:"]) + "|"]  # fmt: skip
+    head += ["loop lag p99 / max (own CPU)"] if lagged else []
+    head += ["CPU per op", "peak RSS", "N x size"]
+    aligns = ["---", "---:", "---", "---:"] + ["---:"] * (latency + lagged) + ["---:", "---:", "---:"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(aligns) + "|"]
     for r in rows:
         if r.value is None or r.low is None or r.high is None:
-            cells = [f"`{r.name}`", f"failed: {r.error}", "—", "—"] + (["—"] if latency else [])
+            cells = [f"`{r.name}`", f"failed: {r.error}", "—", "—"] + ["—"] * (latency + lagged + 1)
         else:
             cells = [f"`{r.name}`", f"{_num(r.value)} {r.unit}", _ratio_cell(r), f"{_num(r.low)}-{_num(r.high)}"]
             if latency:
                 cells.append(f"{_num(r.p99)} / {_num(r.max)} {r.unit}" if r.p99 is not None and r.max else "—")
-        cells += [f"{r.peak_rss_kib / 1024:.0f} MiB", f"{r.events:,} x {r.record_size:,} B"]
+            if lagged:
+                cells.append(_lag_cell(r))
+            cells.append(f"{_num(r.cpu_us_per_op)} µs" if r.cpu_us_per_op is not None else "—")
+        cells += [f"{r.peak_rss_kib / 1024:.0f} MiB", r.size_cell()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -189,6 +220,12 @@ def write_json(doc: dict[str, Any], *, out: Path | None, started: dt.datetime, l
     return path
 
 
+def load_summary(doc: dict[str, Any]) -> str:
+    """The 1-minute load averages seen as the scenarios' processes ended: how busy the shared machine was."""
+    loads = [r["load_1m"] for r in doc["scenarios"] if r.get("load_1m") is not None]
+    return f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run" if loads else "load not recorded"
+
+
 def generated_section(table: str, doc: dict[str, Any]) -> str:
     env, broker, plan, cluster = doc["environment"], doc["broker"], doc["plan"], doc.get("cluster")
     rss = f", peak RSS {broker['peak_rss_kib'] / 1024:.0f} MiB" if broker["peak_rss_kib"] else ""
@@ -201,7 +238,8 @@ def generated_section(table: str, doc: dict[str, Any]) -> str:
         f"Measured {doc['started_at']} by `make bench` ({doc['wall_seconds']:.0f} s wall). "
         f"Python {env['python']}, aiokafka {env['aiokafka']}, confluent-kafka {env['confluent_kafka']} "
         f"(librdkafka {env['librdkafka']}), Kafka broker {env['kafka_broker']} ({broker['kind']}{rss}). "
-        f"Machine: {env['nproc']} CPUs ({env['cpu']}), {env['memory_gib']} GiB memory, {env['platform']}.{three}",
+        f"Machine: {env['nproc']} CPUs ({env['cpu']}), {env['memory_gib']} GiB memory, {env['platform']}; "
+        f"{load_summary(doc)}.{three}",
         "",
         f"{plan['rounds']} round(s), scenarios taking turns; in each round every scenario ran in a fresh process: "
         f"{plan['warmups']} warm-up, then {plan['repeats']} measured repeats. *median* and *spread* (min-max) are "

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -74,6 +75,9 @@ class ChildResult:
     record_size: int
     wall_seconds: float
     error: str | None = None
+    shape: str | None = None  # the scenario's own description of one call (``Context.shape``)
+    #: The machine's 1-minute load average when the child finished (others' work on these shared cores shows here).
+    load_1m: float | None = None
 
 
 def select(registry: dict[str, Scenario], names: Sequence[str]) -> list[Scenario]:
@@ -111,7 +115,8 @@ async def child_main(spec: Scenario, *, bootstrap: str, plan: Plan) -> ChildResu
     repeats = await run_scenario(spec, ctx, warmups=plan.warmups, repeats=plan.repeats, after_setup=reset_peak_rss)
     return ChildResult(
         name=spec.name, repeats=tuple(repeats), events=ctx.events, record_size=ctx.record_size,
-        peak_rss_kib=peak_rss_kib(), wall_seconds=time.perf_counter() - began,
+        peak_rss_kib=peak_rss_kib(), wall_seconds=time.perf_counter() - began, shape=ctx.shape,
+        load_1m=os.getloadavg()[0],
     )  # fmt: skip
 
 
@@ -138,7 +143,9 @@ def child_json(result: ChildResult) -> str:
 
 def parse_child(line: str) -> ChildResult:
     raw = json.loads(line)
-    repeats = tuple(Repeat(ops=r["ops"], elapsed=r["elapsed"], samples=tuple(r["samples"])) for r in raw["repeats"])
+    repeats = tuple(Repeat(ops=r["ops"], elapsed=r["elapsed"], samples=tuple(r["samples"]), lag_p99=r.get("lag_p99"),
+                           lag_max=r.get("lag_max"), cpu=r.get("cpu"), own_lag_p99=r.get("own_lag_p99"),
+                           own_lag_max=r.get("own_lag_max")) for r in raw["repeats"])  # fmt: skip
     return ChildResult(**{**raw, "repeats": repeats})
 
 
@@ -235,7 +242,8 @@ def merge(rounds: Sequence[ChildResult]) -> ChildResult:
         name=first.name, repeats=() if error else tuple(x for r in rounds for x in r.repeats),
         peak_rss_kib=max(r.peak_rss_kib for r in rounds), events=max(r.events for r in rounds),
         record_size=max(r.record_size for r in rounds), wall_seconds=sum(r.wall_seconds for r in rounds),
-        error=error,
+        error=error, shape=next((r.shape for r in rounds if r.shape), None),
+        load_1m=max((r.load_1m for r in rounds if r.load_1m is not None), default=None),
     )  # fmt: skip
 
 

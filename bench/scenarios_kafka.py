@@ -4,11 +4,16 @@ Owns: producing N records (awaited until every one is acknowledged) and consumin
 beginning of a topic, with aiokafka (what the hub uses) and with confluent-kafka/librdkafka (what a
 performance-minded user would pick instead of the hub).
 
-The clients are configured like the hub's (``services.shared.kafka``), spelled out here so a change to the hub's
-factories can't silently change the baseline: producers acks=all + idempotent, linger 5 ms, no compression;
-consumers auto-commit off, read_committed. Records are ``record_size`` random bytes keyed by one of 64 case ids
-over a 3-partition topic, like ``evidence.<JURISDICTION>``. Everything else is each client's default (aiokafka
-batches up to 16 KiB per partition, librdkafka up to 1 MB) — what a user of either would get.
+The aiokafka producers are the hub's own: made by ``services.shared.kafka.make_producer`` like every producer of
+the hub (acks=all, idempotent, ``PRODUCER_TUNING``'s 256 KiB batches and no linger, no compression), so the ratio
+compares like with like and moves with the hub's settings. ``aiokafka-produce`` writes without transactions (plain
+Kafka, the stricter baseline); ``aiokafka-produce-txn`` writes the way the publisher's couriers do — one
+transactional producer per topic, rounds of up to :data:`ROUND_RECORDS` records each committed before the next,
+records spread over three topics as the hub's 1-3 jurisdictions per event spread them — so what transactions
+alone cost is visible. Consumers: auto-commit off, read_committed. Records are :data:`RECORD_BYTES` random bytes
+(the size of the hub's signed envelopes in ``bench/scenarios_hub.py``) keyed by one of 64 case ids over
+3-partition topics, like ``evidence.<JURISDICTION>``. librdkafka is left at its defaults (batches up to 1 MB) —
+what its user would get.
 
 Does not own: hub scenarios (``bench/scenarios_hub.py``), timing and repeats (``bench.harness``).
 """
@@ -17,14 +22,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from bench.harness import Context, scenario
+from services.shared.kafka import make_producer
 
 PARTITIONS: Final = 3
+#: Bytes per record: the mean size of the hub's signed envelopes for the sample events of ``bench/scenarios_hub.py``
+#: (1,080-1,090 B measured; ``tests/test_bench.py`` keeps the two within 5 %).
+RECORD_BYTES: Final = 1_080
+#: The publisher's delivery round (``services.publisher.courier.ROUND_RECORDS``).
+ROUND_RECORDS: Final = 1_000
 KEYS: Final = tuple(f"case-{i:06d}".encode() for i in range(64))
 CONSUME_DEADLINE_S: Final = 120.0
 #: Full-run sizes, chosen so that each call lasts about 1-6 s on 2 cores (aiokafka produces ~17k/s and consumes
@@ -34,7 +46,6 @@ AIOKAFKA_PRODUCE_N: Final = 100_000
 AIOKAFKA_CONSUME_N: Final = 300_000
 CONFLUENT_PRODUCE_N: Final = 300_000
 CONFLUENT_CONSUME_N: Final = 600_000
-AIOKAFKA_PRODUCER: Final = {"acks": "all", "enable_idempotence": True, "linger_ms": 5}
 CONFLUENT_PRODUCER: Final = {"acks": "all", "enable.idempotence": True, "linger.ms": 5}
 
 
@@ -81,14 +92,14 @@ async def _preproduce(ctx: Context) -> None:
     ctx.state["topic"] = topic
 
 
-@scenario(name="aiokafka-produce", unit="events/s", events=AIOKAFKA_PRODUCE_N)
+@scenario(name="aiokafka-produce", unit="records/s", events=AIOKAFKA_PRODUCE_N, record_size=RECORD_BYTES, loop_lag=True)
 async def aiokafka_produce(ctx: Context) -> int:
     """aiokafka: produce N records, acks=all, idempotent, all acknowledged."""
     return await _aiokafka_produce(ctx)
 
 
-@scenario(name="aiokafka-produce-rf3", unit="events/s", baseline="aiokafka-produce", events=AIOKAFKA_PRODUCE_N,
-          cluster=True)  # fmt: skip
+@scenario(name="aiokafka-produce-rf3", unit="records/s", baseline="aiokafka-produce", events=AIOKAFKA_PRODUCE_N,
+          record_size=RECORD_BYTES, cluster=True, loop_lag=True)  # fmt: skip
 async def aiokafka_produce_rf3(ctx: Context) -> int:
     """aiokafka on the three-broker cluster, RF 3, min.insync.replicas 2: raw Kafka's cost of replication."""
     return await _aiokafka_produce(ctx)
@@ -96,7 +107,7 @@ async def aiokafka_produce_rf3(ctx: Context) -> int:
 
 async def _aiokafka_produce(ctx: Context) -> int:
     topic = await ctx.topic(partitions=PARTITIONS)
-    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, client_id="bench-aiokafka", **AIOKAFKA_PRODUCER)
+    producer = make_producer(ctx.bootstrap, client_id="bench-aiokafka")
     await producer.start()
     try:
         # untimed: metadata, producer id, and a leader that serves every partition (a fresh topic's partitions
@@ -110,7 +121,50 @@ async def _aiokafka_produce(ctx: Context) -> int:
     return ctx.events
 
 
-@scenario(name="aiokafka-consume", unit="events/s", events=AIOKAFKA_CONSUME_N, setup=_preproduce)
+def spread(n: int, names: Sequence[str]) -> list[str]:
+    """Where the hub's bench sends event ``n``: to 1, 2 or 3 of ``names`` in turn (two on average), as real
+    publications reach one to three jurisdictions."""
+    return [names[(n + i) % len(names)] for i in range(n % 3 + 1)]
+
+
+@scenario(name="aiokafka-produce-txn", unit="records/s", baseline="aiokafka-produce", events=AIOKAFKA_PRODUCE_N,
+          record_size=RECORD_BYTES, loop_lag=True)  # fmt: skip
+async def aiokafka_produce_txn(ctx: Context) -> int:
+    """aiokafka as the publisher delivers: per topic a transactional producer, rounds of up to 1,000 records."""
+    topics = [await ctx.topic(partitions=PARTITIONS) for _ in range(3)]
+    keys: dict[str, list[bytes]] = {t: [] for t in topics}
+    n = 0
+    while sum(len(k) for k in keys.values()) < ctx.events:
+        for topic in spread(n, topics):
+            keys[topic].append(_key(n))
+        n += 1
+    producers = [
+        make_producer(ctx.bootstrap, client_id=f"bench-txn-{t}", transactional_id=f"bench-txn-{t}") for t in topics
+    ]  # fmt: skip
+    for producer in producers:
+        await producer.start()
+    try:
+        for producer, topic in zip(producers, topics, strict=True):  # untimed: as for aiokafka-produce
+            async with producer.transaction():
+                await asyncio.gather(*[await producer.send(topic, ctx.payload, partition=p) for p in range(PARTITIONS)])
+
+        async def rounds(producer: AIOKafkaProducer, topic: str) -> None:
+            for start in range(0, len(keys[topic]), ROUND_RECORDS):
+                await producer.begin_transaction()
+                for key in keys[topic][start : start + ROUND_RECORDS]:
+                    await producer.send(topic, ctx.payload, key=key)
+                await producer.commit_transaction()
+
+        with ctx.timed():
+            await asyncio.gather(*(rounds(p, t) for p, t in zip(producers, topics, strict=True)))
+    finally:
+        for producer in producers:
+            await producer.stop()
+    return sum(len(k) for k in keys.values())
+
+
+@scenario(name="aiokafka-consume", unit="records/s", events=AIOKAFKA_CONSUME_N, record_size=RECORD_BYTES,
+          setup=_preproduce)  # fmt: skip
 async def aiokafka_consume(ctx: Context) -> int:
     """aiokafka: read N pre-produced records from the beginning, read_committed."""
     topic: str = ctx.state["topic"]
@@ -136,7 +190,8 @@ async def aiokafka_consume(ctx: Context) -> int:
     return seen
 
 
-@scenario(name="confluent-produce", unit="events/s", baseline="aiokafka-produce", events=CONFLUENT_PRODUCE_N)
+@scenario(name="confluent-produce", unit="records/s", baseline="aiokafka-produce", events=CONFLUENT_PRODUCE_N,
+          record_size=RECORD_BYTES)  # fmt: skip
 async def confluent_produce(ctx: Context) -> int:
     """confluent-kafka (librdkafka): produce N records, acks=all, idempotent, all acknowledged."""
     from confluent_kafka import KafkaException, Producer
@@ -164,7 +219,11 @@ async def confluent_produce(ctx: Context) -> int:
 
 
 @scenario(
-    name="confluent-consume", unit="events/s", baseline="aiokafka-consume", events=CONFLUENT_CONSUME_N,
+    name="confluent-consume",
+    unit="records/s",
+    baseline="aiokafka-consume",
+    events=CONFLUENT_CONSUME_N,
+    record_size=RECORD_BYTES,
     setup=_preproduce,
 )
 async def confluent_consume(ctx: Context) -> int:

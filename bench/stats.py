@@ -8,6 +8,10 @@ Conventions (also stated in docs/performance.md):
 - value = the median over repeats; spread = min-max over repeats (with 3-5 repeats an IQR says nothing more);
 - latency scenarios: value = median of the per-repeat p50, ``p99`` = median of the per-repeat p99,
   ``max`` = the largest sample of all repeats;
+- loop lag (scenarios that measure it): ``lag_p99`` = median of the per-repeat p99, ``lag_max`` = the largest of
+  all repeats, in milliseconds; the same for
+  its own-CPU part (``bench.harness.LagProbe``);
+- CPU per operation: the median over repeats of this process's CPU time in the measured region ÷ operations, in µs;
 - ratio = value ÷ baseline value, in the scenario's unit. For a rate (events/s) below 1 is slower than the
   baseline; for a time (µs/op, ms) above 1 is slower.
 """
@@ -24,7 +28,7 @@ from bench.harness import LATENCY_UNITS, Repeat
 
 #: Seconds per operation ↔ the unit's value. Rates are per second; times per operation are scaled.
 _PER_OP_SCALE: Final = {"µs/op": 1e6, "ms/op": 1e3}
-_RATE_UNITS: Final = frozenset({"events/s", "ops/s"})
+_RATE_UNITS: Final = frozenset({"events/s", "records/s", "ops/s"})
 _LATENCY_SCALE: Final = {"ms": 1e3, "µs": 1e6}
 
 
@@ -38,6 +42,11 @@ class Summary:
     ops: int
     p99: float | None = None
     max: float | None = None
+    lag_p99_ms: float | None = None
+    lag_max_ms: float | None = None
+    cpu_us_per_op: float | None = None
+    own_lag_p99_ms: float | None = None
+    own_lag_max_ms: float | None = None
 
 
 def percentile(samples: Sequence[float], pct: float) -> float:
@@ -86,9 +95,17 @@ def summarise(unit: str, repeats: Sequence[Repeat]) -> Summary:
         scale = _LATENCY_SCALE[unit]
         p99 = statistics.median(percentile(r.samples, 99) for r in repeats) * scale
         worst = max(max(r.samples) for r in repeats) * scale
+    lagged = [r for r in repeats if r.lag_p99 is not None and r.lag_max is not None]
+    lag_p99 = statistics.median(r.lag_p99 for r in lagged if r.lag_p99 is not None) * 1e3 if lagged else None
+    lag_max = max(r.lag_max for r in lagged if r.lag_max is not None) * 1e3 if lagged else None
+    owned = [r for r in repeats if r.own_lag_p99 is not None and r.own_lag_max is not None]
+    own_p99 = statistics.median(r.own_lag_p99 for r in owned if r.own_lag_p99 is not None) * 1e3 if owned else None
+    own_max = max(r.own_lag_max for r in owned if r.own_lag_max is not None) * 1e3 if owned else None
+    cpus = [r.cpu / r.ops * 1e6 for r in repeats if r.cpu is not None and r.ops]
     return Summary(
         unit=unit, value=statistics.median(values), low=min(values), high=max(values), per_repeat=values,
-        ops=sum(r.ops for r in repeats), p99=p99, max=worst,
+        ops=sum(r.ops for r in repeats), p99=p99, max=worst, lag_p99_ms=lag_p99, lag_max_ms=lag_max,
+        cpu_us_per_op=statistics.median(cpus) if cpus else None, own_lag_p99_ms=own_p99, own_lag_max_ms=own_max,
     )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from bench import compare, report, stats
 from bench.harness import Context, Latencies, Repeat, Scenario, ScenarioFn, Unit, load_scenarios, run_scenario
+from bench.scenarios_kafka import RECORD_BYTES
 from services.shared.cluster import KafkaTarget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +51,7 @@ def test_quick_run_measures_every_scenario_against_its_baseline(kafka: KafkaTarg
         assert row["low"] <= row["value"] <= row["high"], name
         assert len(row["per_repeat"]) == 3, name
         assert row["peak_rss_kib"] > 0, name
+        assert row["cpu_us_per_op"] > 0, name
         assert f"`{name}`" in proc.stdout  # the table is printed
     assert rows["aiokafka-produce"]["ratio"] == 1
     # the replication cost: the same scenarios on the three-broker cluster the run started, against one broker
@@ -56,6 +59,17 @@ def test_quick_run_measures_every_scenario_against_its_baseline(kafka: KafkaTarg
     assert rows["hub-publish-library-rf3"]["baseline"] == "hub-publish-library"
     assert doc["cluster"]["startup_seconds"] > 0
     assert doc["cluster"]["peak_rss_kib"] > 0
+    # like with like: the baseline's records are the size of the envelopes the hub actually wrote, 1-3 per event
+    for hub in ("hub-publish-library", "hub-publish-http"):
+        assert abs(rows[hub]["record_size"] - RECORD_BYTES) <= 0.05 * RECORD_BYTES, rows[hub]
+        shape = re.fullmatch(r"([\d,]+) events, ([\d,]+) records x [\d,]+ B", rows[hub]["shape"])
+        assert shape is not None, rows[hub]["shape"]
+        events, records = (int(g.replace(",", "")) for g in shape.groups())
+        assert events < records <= 3 * events  # fanned out to 1-3 jurisdictions
+        assert rows[hub]["lag_p99_ms"] is not None
+        assert rows[hub]["lag_max_ms"] >= rows[hub]["lag_p99_ms"]
+        assert 0 <= rows[hub]["own_lag_max_ms"] <= rows[hub]["lag_max_ms"]
+    assert "load average" in proc.stdout
     assert report.DOCS.read_bytes() == docs_before  # --quick never rewrites the page
 
     assert compare.main([str(out), str(out)]) == 0

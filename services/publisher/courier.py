@@ -109,6 +109,7 @@ class TopicCourier:
         self.fenced = 0
         self.failed_rounds = 0
         self.records_sent = 0
+        self.bytes_sent = 0  # envelope bytes acknowledged
 
     # -- fence and reconcile -----------------------------------------------------------------------------
     async def acquire(self) -> None:
@@ -224,6 +225,7 @@ class TopicCourier:
             self.rounds += 1
             self.fenced = 0
             self.records_sent += len(batch)
+            self.bytes_sent += sum(len(i.row.envelope) for i in batch)
             for item, (partition, offset) in zip(batch, acks, strict=True):
                 key = (item.row.event_id, item.row.jurisdiction)
                 self._in_round.pop(key, None)
@@ -394,7 +396,7 @@ async def take_fence(key_id: str, topic: str, settings: OutboxSettings) -> AIOKa
     producer = make_producer(
         settings.bootstrap, client_id=f"evhub-publisher-{topic}", transactional_id=transactional_id(key_id, topic),
         transaction_timeout_ms=int(settings.transaction_timeout_s * 1000),
-        request_timeout_ms=settings.request_timeout_ms, max_batch_size=256 << 10, linger_ms=0,
+        request_timeout_ms=settings.request_timeout_ms,
     )  # fmt: skip
     try:
         async with asyncio.timeout(settings.request_timeout_ms / 1000 * 2):

@@ -68,6 +68,7 @@ class Outbox:
         self._tasks: list[asyncio.Task[None]] = []
         self._kafka_answers = True
         self._closing = asyncio.Event()
+        self._closing_signal: asyncio.Future[None] | None = None  # made on the loop by the first waiting request
         self.marks_retried = 0
 
     async def start(self, *, timeout_s: float) -> None:
@@ -165,23 +166,26 @@ class Outbox:
         return out
 
     async def _wait_acknowledged(self, futures: set[asyncio.Future[tuple[int, int]]]) -> None:
-        """Until every future is done, the delivery timeout passes, or the service begins to shut down."""
-        closing = asyncio.ensure_future(self._closing.wait())
+        """Until every future is done, the delivery timeout passes, or the service begins to shut down. Every
+        request shares one shutdown future (a task per request waiting on the event cost ~5 % of a publication)."""
+        loop = asyncio.get_running_loop()
+        if self._closing_signal is None:
+            self._closing_signal = loop.create_future()
+            if self._closing.is_set():
+                self._closing_signal.set_result(None)
+        closing: asyncio.Future[Any] = self._closing_signal
+        deadline = loop.time() + self.settings.delivery_timeout_s
         pending: set[asyncio.Future[Any]] = set(futures)
-        try:
-            async with asyncio.timeout(self.settings.delivery_timeout_s):
-                while pending and not self._closing.is_set():
-                    _, pending = await asyncio.wait(pending | {closing}, return_when=asyncio.FIRST_COMPLETED)
-                    pending.discard(closing)
-        except TimeoutError:
-            pass
-        finally:
-            closing.cancel()
+        while pending and not closing.done() and (left := deadline - loop.time()) > 0:
+            _, pending = await asyncio.wait(pending | {closing}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            pending.discard(closing)
 
     def begin_shutdown(self) -> None:
         """Requests waiting for acknowledgements get their answer now (what is not acknowledged is reported as
         such); rounds in flight go on until :meth:`stop`."""
         self._closing.set()
+        if self._closing_signal is not None and not self._closing_signal.done():
+            self._closing_signal.set_result(None)
 
     # -- delivery marks ----------------------------------------------------------------------------------
     def _acked(self, row: state.OutboxRow, partition: int, offset: int) -> None:
@@ -236,8 +240,12 @@ class Outbox:
 
     def stats(self) -> dict[str, int]:
         cs = self._couriers.values()
-        return {"rounds": sum(c.rounds for c in cs), "failed_rounds": sum(c.failed_rounds for c in cs),
-                "records_sent": sum(c.records_sent for c in cs)}  # fmt: skip
+        return {
+            "rounds": sum(c.rounds for c in cs),
+            "failed_rounds": sum(c.failed_rounds for c in cs),
+            "records_sent": sum(c.records_sent for c in cs),
+            "bytes_sent": sum(c.bytes_sent for c in cs),
+        }
 
     async def stop(self, grace_s: float) -> None:
         """Let rounds in progress finish for up to ``grace_s``, write the marks, stop every producer (bounded).

@@ -206,17 +206,17 @@ class EvidencePublisher:
         descriptor = {"media_type": content.media_type, "size": content.size, "sha256": content.sha256,
                       "file_name": content.file_name}  # fmt: skip
 
-        def unit(conn: sqlite3.Connection) -> tuple[str, int, bool]:
+        def unit(conn: sqlite3.Connection) -> _Done:
             plan = _plan(conn, meta, content.sha256, key, fingerprint, reused, correction_of)
             if isinstance(plan, tuple):
-                return plan
+                return *plan, None
             existing, version, replaces = plan.existing, plan.version, plan.replaces
             events, disclosures = core.build_events(
                 meta, event_id=event_id, version=version, replaces_event_id=replaces,
                 organisation=self.organisation, key_id=self.signer.key_id, content=[descriptor],
                 published_at=now, salts=salts,
             )  # fmt: skip
-            self._stage(conn, event_id, "evidence_event", events, meta.case_ids[0], disclosures)
+            rows = self._stage(conn, event_id, "evidence_event", events, meta.case_ids[0], disclosures)
             all_jurisdictions = sorted(set(meta.jurisdictions) | set(_jurisdictions(existing)))
             conn.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, NULL, NULL)",
                          (meta.item_id, version, event_id, json.dumps(meta.case_ids), json.dumps(all_jurisdictions)))
@@ -224,7 +224,7 @@ class EvidencePublisher:
                 "item_id": meta.item_id, "version": version, "event_id": event_id, "sha256": content.sha256,
                 "media_type": content.media_type, "size": content.size, "published_at": now.isoformat()})
             self._record(conn, key, fingerprint, operation, event_id, meta.item_id, version, now)
-            return event_id, version, False
+            return event_id, version, False, rows
 
         eid, version, replayed, rows = await self.committer.run(_with_outbox(unit))
         return await self._deliver_event(operation, eid, meta.item_id, version, replayed, rows, content)
@@ -243,10 +243,10 @@ class EvidencePublisher:
         now = self._may_sign()
         event_id = str(uuid.UUID(bytes=self.entropy(16), version=4))
 
-        def unit(conn: sqlite3.Connection) -> tuple[str, int, bool]:
+        def unit(conn: sqlite3.Connection) -> _Done:
             done = _replay(conn, key, fingerprint, reused)
             if done is not None:
-                return done
+                return *done, None
             existing = state.item(conn, item_id)
             if existing is None:
                 raise NotFound(f"no item {item_id}")
@@ -258,11 +258,11 @@ class EvidencePublisher:
                 jurisdictions=_jurisdictions(existing), organisation=self.organisation, key_id=self.signer.key_id,
                 reason=reason, published_at=now,
             )  # fmt: skip
-            self._stage(conn, event_id, "evidence_withdrawal", records, case_ids[0], [])
+            rows = self._stage(conn, event_id, "evidence_withdrawal", records, case_ids[0], [])
             conn.execute("UPDATE items SET withdrawn_at = ?, withdraw_reason = ? WHERE item_id = ?",
                          (now.isoformat(), reason, item_id))  # fmt: skip
             self._record(conn, key, fingerprint, "withdraw", event_id, item_id, existing["latest_version"], now)
-            return event_id, existing["latest_version"], False
+            return event_id, existing["latest_version"], False, rows
 
         eid, version, replayed, rows = await self.committer.run(_with_outbox(unit))
         return await self._deliver_event("withdraw", eid, item_id, version, replayed, rows, None)
@@ -279,10 +279,17 @@ class EvidencePublisher:
         return now
 
     def _stage(self, conn: sqlite3.Connection, event_id: str, schema: str, records: dict[str, dict[str, Any]],
-               case_id: str, disclosures: list[str]) -> None:  # fmt: skip
-        for jurisdiction, record in records.items():
-            topic = evidence_topic(jurisdiction)
-            sequence = state.next_sequence(conn, self.signer.key_id, topic)
+               case_id: str, disclosures: list[str]) -> list[state.OutboxRow]:  # fmt: skip
+        """Sign one envelope per jurisdiction with the next sequence number of its topic and write them to the
+        outbox. Everything that can refuse (Kafka's record of the key, the size limit) is checked before the first
+        write: the group committer runs units without savepoints (``state.GroupCommitter``)."""
+        key_id = self.signer.key_id
+        topics = {jurisdiction: evidence_topic(jurisdiction) for jurisdiction in records}
+        last = state.counters(conn, key_id, list(topics.values()))
+        rows = []
+        for jurisdiction, record in sorted(records.items()):
+            topic = topics[jurisdiction]
+            sequence = last.get(topic, 0) + 1
             self.outbox.may_sign(topic, sequence)  # never at or below what Kafka holds of this key
             envelope = seal(self.codec, schema=schema, record=record, topic=topic, signer=self.signer,
                             sequence=sequence, disclosures=disclosures)  # fmt: skip
@@ -290,9 +297,10 @@ class EvidencePublisher:
                 raise PayloadTooLarge(f"the signed event would be {len(envelope)} bytes; the limit is "
                                       f"{MAX_ENVELOPE_BYTES - RECORD_OVERHEAD} (shorten the description or "
                                       "protected values)")
-            state.insert(conn, "outbox", {
-                "event_id": event_id, "jurisdiction": jurisdiction, "topic": topic, "kafka_key": case_id.encode(),
-                "key_id": self.signer.key_id, "sequence": sequence, "envelope": envelope})  # fmt: skip
+            rows.append(state.OutboxRow(event_id, jurisdiction, topic, case_id.encode(), key_id, sequence, envelope,
+                                        None, None))  # fmt: skip
+        state.stage(conn, rows)
+        return rows
 
     @staticmethod
     def _record(conn: sqlite3.Connection, key: str, fingerprint: str, operation: str, event_id: str, item_id: str,
@@ -403,14 +411,19 @@ def _plan(conn: sqlite3.Connection, meta: core.EvidenceMetadata, sha256: str, ke
     return _NewVersion(existing, existing["latest_version"] + 1, existing["latest_event_id"])
 
 
+#: What a unit of work decided: (event id, version, replayed, the outbox rows it staged — None for a replay).
+_Done = tuple[str, int, bool, list[state.OutboxRow] | None]
+
+
 def _with_outbox(
-    unit: Callable[[sqlite3.Connection], tuple[str, int, bool]],
+    unit: Callable[[sqlite3.Connection], _Done],
 ) -> Callable[[sqlite3.Connection], tuple[str, int, bool, list[state.OutboxRow]]]:
-    """Read the event's outbox rows in the same unit of work (one trip to the writer thread, not two)."""
+    """A replayed event's outbox rows are read in the same unit of work (one group, not two); a new event's are the
+    rows it just staged."""
 
     def both(conn: sqlite3.Connection) -> tuple[str, int, bool, list[state.OutboxRow]]:
-        event_id, version, replayed = unit(conn)
-        return event_id, version, replayed, state.outbox(conn, event_id)
+        event_id, version, replayed, staged = unit(conn)
+        return event_id, version, replayed, state.outbox(conn, event_id) if staged is None else staged
 
     return both
 

@@ -1,0 +1,98 @@
+"""The group committer runs units without savepoints and still never keeps half of one: a unit that raises before
+writing changes nothing and fails alone; one that raises after writing has its writes undone while the rest of
+its group is committed."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.publisher import state
+
+
+class Refused(Exception):
+    pass
+
+
+def _bump(topic: str) -> Callable[[sqlite3.Connection], int]:
+    def unit(conn: sqlite3.Connection) -> int:
+        return state.next_sequence(conn, "k", topic)
+
+    return unit
+
+
+def _bump_then_refuse(conn: sqlite3.Connection) -> None:
+    state.next_sequence(conn, "k", "half")
+    raise Refused("after a write")
+
+
+def _refuse(conn: sqlite3.Connection) -> None:
+    raise Refused("before any write")
+
+
+async def test_a_unit_that_raises_after_writing_leaves_nothing_and_its_group_is_kept(tmp_path: Path) -> None:
+    committer = state.GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    futures: list[asyncio.Future[Any]] = [
+        committer.submit(_bump("a")), committer.submit(_bump_then_refuse), committer.submit(_bump("b"))
+    ]  # fmt: skip
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert results[0] == 1
+    assert isinstance(results[1], Refused)
+    assert results[2] == 1
+    counters = await committer.run(lambda conn: state.counters(conn, "k", ["a", "b", "half"]))
+    assert counters == {"a": 1, "b": 1}, "the failed unit's write was undone, the others' committed once"
+    assert committer.redone == 1, "the group ran again without the unit that failed"
+    committer.close()
+
+
+async def test_a_unit_that_raises_before_writing_fails_alone(tmp_path: Path) -> None:
+    committer = state.GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    futures: list[asyncio.Future[Any]] = [
+        committer.submit(_bump("a")), committer.submit(_refuse), committer.submit(_bump("a"))
+    ]  # fmt: skip
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert results[0] == 1
+    assert isinstance(results[1], Refused)
+    assert results[2] == 2
+    assert committer.redone == 0
+    assert committer.groups == 1
+    committer.close()
+
+
+async def test_staging_refuses_a_sequence_number_signed_twice(tmp_path: Path) -> None:
+    committer = state.GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    row = state.OutboxRow("e1", "DE", "evidence.DE", b"c", "k", 1, b"envelope", None, None)
+    await committer.run(lambda conn: state.stage(conn, [row]))
+    again = state.OutboxRow("e2", "DE", "evidence.DE", b"c", "k", 1, b"other", None, None)
+    with pytest.raises(sqlite3.IntegrityError):
+        await committer.run(lambda conn: state.stage(conn, [again]))
+    assert await committer.run(lambda conn: state.counter(conn, "k", "evidence.DE")) == 1
+    assert [r.event_id for r in await committer.run(lambda conn: state.pending(conn))] == ["e1"]
+    committer.close()
+
+
+async def test_a_long_group_is_cut_and_the_event_loop_runs_between_its_parts(tmp_path: Path) -> None:
+    committer = state.GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    turns: list[int] = []
+
+    def slow(conn: sqlite3.Connection) -> int:
+        time.sleep(state.GROUP_BUDGET_S / 3)  # CPU-bound work standing in for signing
+        turns.append(ticks)
+        return state.next_sequence(conn, "k", "a")
+
+    ticks = 0
+    futures = [committer.submit(slow) for _ in range(12)]
+    done = asyncio.gather(*futures)
+    while not done.done():  # the loop's other work: counts its turns
+        ticks += 1
+        await asyncio.sleep(0)
+    assert await done == list(range(1, 13)), "every unit ran once, in order"
+    assert committer.groups >= 3
+    assert len(set(turns)) >= 3, "other work ran between the groups"
+    committer.close()
