@@ -29,6 +29,7 @@ kafka-jars: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/ruff format --check services tests bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -40,8 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, help="events per call for every scenario (default: each its own)")
     p.add_argument("--record-size", type=int, help="bytes per record for every scenario")
     p.add_argument("--seconds", type=float, help="duration for duration-bound scenarios")
-    p.add_argument("--cluster-bootstrap", metavar="HOST:PORT,…",
-                   help="an existing replicated cluster (PLAINTEXT) for the cluster scenarios; default: start one")
+    p.add_argument(
+        "--cluster-bootstrap",
+        metavar="HOST:PORT,…",
+        help="an existing replicated cluster (PLAINTEXT) for the cluster scenarios; default: start one",
+    )
     p.add_argument("--child", metavar="NAME", help=argparse.SUPPRESS)
     p.add_argument("--bootstrap", help=argparse.SUPPRESS)
     return p

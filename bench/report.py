@@ -194,7 +194,9 @@ def document(rows: Sequence[Row], outcome: RunOutcome, plan: Plan, started: dt.d
             "startup_seconds": round(outcome.broker_startup_seconds, 2),
             "peak_rss_kib": outcome.broker_peak_rss_kib,
         },
-        "cluster": None if outcome.cluster_startup_seconds is None else {
+        "cluster": None
+        if outcome.cluster_startup_seconds is None
+        else {
             "layout": "brokers 1-3, controllers 101-103, RF 3, min.insync.replicas 2, PLAINTEXT",
             "startup_seconds": round(outcome.cluster_startup_seconds, 2),
             "peak_rss_kib": outcome.cluster_peak_rss_kib,

@@ -77,8 +77,11 @@ async def _latency_setup(ctx: Context) -> None:
 
 async def _teardown(ctx: Context) -> None:
     if RECONNECTS:
-        print(f"bench: {ctx.scenario}: offices reconnected {sum(RECONNECTS.values())} times (a 503 or an ended "
-              "stream, e.g. hub.audit slower than the audit timeout): included in the figures", file=sys.stderr)
+        print(
+            f"bench: {ctx.scenario}: offices reconnected {sum(RECONNECTS.values())} times (a 503 or an ended "
+            "stream, e.g. hub.audit slower than the audit timeout): included in the figures",
+            file=sys.stderr,
+        )
     rig: Rig = ctx.state["rig"]
     await rig.stop()
     await delete_topics(ctx.bootstrap, rig_topics(rig))
@@ -240,8 +243,10 @@ async def _collect(received: dict[str, float], sent: dict[str, float], stop: asy
                     raise RuntimeError(f"the reader stopped with {len(received)} of {len(sent)} events")
                 await asyncio.sleep(0.05)
     except TimeoutError:
-        raise RuntimeError(f"{len(sent) - len(received)} of {len(sent)} events did not arrive within 60 s "
-                           f"(reconnections: {dict(RECONNECTS)})") from None
+        raise RuntimeError(
+            f"{len(sent) - len(received)} of {len(sent)} events did not arrive within 60 s "
+            f"(reconnections: {dict(RECONNECTS)})"
+        ) from None
 
 
 def _latencies(sent: dict[str, float], received: dict[str, float]) -> Latencies:

@@ -51,13 +51,19 @@ def integrity(events: int, work: Path) -> dict[str, float]:
     for n in range(1, events + 1):
         event_id = str(uuid.uuid4())
         for t in range(TOPIC_COUNT):
-            conn.execute("INSERT INTO outbox (event_id, jurisdiction, topic, kafka_key, key_id, sequence, envelope, "
-                         "partition, offset, delivered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (event_id, f"J{t}", f"evidence.J{t}", b"CASE-1", signer.key_id, n, sample[t], n % 3, n, "x"))
-        conn.execute("INSERT INTO requests VALUES (?, ?, 'publish', ?, ?, 1, 'x')",
-                     (f"publish:ITEM-{n}:{n:064x}", "f" * 64, event_id, f"ITEM-{n}"))
-        conn.execute("INSERT INTO items VALUES (?, 1, ?, ?, ?, NULL, NULL)",
-                     (f"ITEM-{n}", event_id, json.dumps(["CASE-1"]), json.dumps(["J0", "J1", "J2"])))
+            conn.execute(
+                "INSERT INTO outbox (event_id, jurisdiction, topic, kafka_key, key_id, sequence, envelope, "
+                "partition, offset, delivered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (event_id, f"J{t}", f"evidence.J{t}", b"CASE-1", signer.key_id, n, sample[t], n % 3, n, "x"),
+            )
+        conn.execute(
+            "INSERT INTO requests VALUES (?, ?, 'publish', ?, ?, 1, 'x')",
+            (f"publish:ITEM-{n}:{n:064x}", "f" * 64, event_id, f"ITEM-{n}"),
+        )
+        conn.execute(
+            "INSERT INTO items VALUES (?, 1, ?, ?, ?, NULL, NULL)",
+            (f"ITEM-{n}", event_id, json.dumps(["CASE-1"]), json.dumps(["J0", "J1", "J2"])),
+        )
         conn.execute("INSERT INTO versions VALUES (?, 1, ?, ?, 'image/png', 48213, 'x')",
                      (f"ITEM-{n}", event_id, f"{n:064x}"))  # fmt: skip
         if n % 10_000 == 0:

@@ -114,13 +114,26 @@ def test_services_depend_on_shared_and_the_gateway_only_on_the_policy_library(se
         ("services.publisher", {"EVHUB_PUBLISHER_UNSAFE_PLAINTEXT": "true"}, "EVHUB_KAFKA_BOOTSTRAP is required"),
         ("services.policy", {}, "EVHUB_KAFKA_BOOTSTRAP is required"),
         ("services.policy", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "TLS is required"),
-        ("services.publisher", {"EVHUB_PUBLISHER_TLS_CERT": "c.pem", "EVHUB_PUBLISHER_TLS_KEY": "k.pem",
-                                "EVHUB_PUBLISHER_TLS_CA": ""}, "TLS_CA is missing or empty"),
-        ("services.publisher", {"EVHUB_PUBLISHER_TLS_CERT": "c.pem", "EVHUB_PUBLISHER_TLS_KEY": "k.pem",
-                                "EVHUB_PUBLISHER_TLS_CA": "nowhere.pem", "EVHUB_PUBLISHER_ALLOWED_CLIENTS": '["a"]'},
-         "cannot load the client CA nowhere.pem"),
-        ("services.publisher", {"EVHUB_PUBLISHER_UNSAFE_PLAINTEXT": "true", "EVHUB_PUBLISHER_HOST": "0.0.0.0"},
-         "allowed only on a loopback address"),
+        (
+            "services.publisher",
+            {"EVHUB_PUBLISHER_TLS_CERT": "c.pem", "EVHUB_PUBLISHER_TLS_KEY": "k.pem", "EVHUB_PUBLISHER_TLS_CA": ""},
+            "TLS_CA is missing or empty",
+        ),
+        (
+            "services.publisher",
+            {
+                "EVHUB_PUBLISHER_TLS_CERT": "c.pem",
+                "EVHUB_PUBLISHER_TLS_KEY": "k.pem",
+                "EVHUB_PUBLISHER_TLS_CA": "nowhere.pem",
+                "EVHUB_PUBLISHER_ALLOWED_CLIENTS": '["a"]',
+            },
+            "cannot load the client CA nowhere.pem",
+        ),
+        (
+            "services.publisher",
+            {"EVHUB_PUBLISHER_UNSAFE_PLAINTEXT": "true", "EVHUB_PUBLISHER_HOST": "0.0.0.0"},
+            "allowed only on a loopback address",
+        ),
         ("services.audit", {}, "EVHUB_KAFKA_BOOTSTRAP is required"),
         ("services.audit", {"EVHUB_KAFKA_BOOTSTRAP": "127.0.0.1:9"}, "TLS is required"),
         (

@@ -91,9 +91,7 @@ async def test_ensure_topics_is_idempotent_and_keeps_evidence_forever(kafka: Kaf
     await admin.start()
     try:
         described = await admin.describe_topics([evidence_topic(jurisdiction)])
-        configs = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, evidence_topic(jurisdiction))]
-        )
+        configs = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, evidence_topic(jurisdiction))])
     finally:
         await admin.close()
     assert len(described[0]["partitions"]) == 3

@@ -28,20 +28,32 @@ from services.shared.settings import KafkaSettings
 
 
 def register(sub: Any) -> None:
-    kafka = sub.add_parser("kafka", help="run the embedded Kafka broker, or a local three-broker cluster, until "
-                                         "Ctrl-C or SIGTERM; `evhub kafka acls` provisions a locked-down cluster")
+    kafka = sub.add_parser(
+        "kafka",
+        help="run the embedded Kafka broker, or a local three-broker cluster, until "
+        "Ctrl-C or SIGTERM; `evhub kafka acls` provisions a locked-down cluster",
+    )
     kafka.add_argument("--jurisdiction", action="append", default=[], help="also create evidence.<J> (repeatable)")
     kafka.add_argument("--data", type=Path, metavar="DIR",
                        help="keep the broker's data and address in DIR across restarts (formatted on first use); "
                             "without it the broker is throwaway: its directory is removed when it stops")  # fmt: skip
-    kafka.add_argument("--brokers", type=int, choices=(1, 3), default=1,
-                       help="3: brokers 1-3 and a three-voter controller quorum, RF 3, min.insync.replicas 2")
-    kafka.add_argument("--secure", action="store_true",
-                       help="with --brokers 3: mTLS on every listener and ACLs per service principal")
+    kafka.add_argument(
+        "--brokers",
+        type=int,
+        choices=(1, 3),
+        default=1,
+        help="3: brokers 1-3 and a three-voter controller quorum, RF 3, min.insync.replicas 2",
+    )
+    kafka.add_argument(
+        "--secure", action="store_true", help="with --brokers 3: mTLS on every listener and ACLs per service principal"
+    )
     kafka.set_defaults(handler=run_kafka)
     more = kafka.add_subparsers(dest="kafka_command", required=False)
-    acls = more.add_parser("acls", help="create the hub's topics and ACLs on a locked-down cluster (idempotent); "
-                                        "connects with EVHUB_KAFKA_BOOTSTRAP and a super user's EVHUB_KAFKA_SSL_*")
+    acls = more.add_parser(
+        "acls",
+        help="create the hub's topics and ACLs on a locked-down cluster (idempotent); "
+        "connects with EVHUB_KAFKA_BOOTSTRAP and a super user's EVHUB_KAFKA_SSL_*",
+    )
     acls.add_argument("--jurisdiction", action="append", default=[], help="also create evidence.<J> (repeatable)")
     acls.set_defaults(handler=run_acls)
 

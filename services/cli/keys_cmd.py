@@ -39,23 +39,43 @@ def register(sub: Any) -> None:
     gen = keys.add_parser("generate", help="write an Ed25519 pair: PREFIX.key (private, 0600) and PREFIX.pub.pem")
     gen.add_argument("prefix", type=Path)
     gen.set_defaults(handler=run_generate)
-    for name, helptext in (("register", "trust a publisher key (signed by a trust anchor)"),
-                           ("revoke", "revoke a publisher key; signatures up to --last-valid-sequence stay valid")):
+    for name, helptext in (
+        ("register", "trust a publisher key (signed by a trust anchor)"),
+        ("revoke", "revoke a publisher key; signatures up to --last-valid-sequence stay valid"),
+    ):
         p = keys.add_parser(name, help=helptext)
         p.add_argument("--anchor-key", type=Path, required=True, help="trust anchor private key (PEM)")
         p.add_argument("--public-key", type=Path, required=True, help="publisher public key (PEM)")
-        p.add_argument("--revision", type=int, default=None,
-                       help="must exceed the key's previous record (default: the current one on hub.keys + 1)")
+        p.add_argument(
+            "--revision",
+            type=int,
+            default=None,
+            help="must exceed the key's previous record (default: the current one on hub.keys + 1)",
+        )
         if name == "register":
             p.add_argument("--org", required=True, help="organisation the key belongs to")
-            p.add_argument("--not-before", type=_aware, default=None,
-                           help="start of validity (default: now; for a registered key, its current start)")
+            p.add_argument(
+                "--not-before",
+                type=_aware,
+                default=None,
+                help="start of validity (default: now; for a registered key, its current start)",
+            )
             p.add_argument("--not-after", type=_aware, default=None)
         if name == "revoke":
-            p.add_argument("--last-valid", action="append", default=[], metavar="TOPIC=N",
-                           help="last genuine sequence number on TOPIC (repeatable; sequences count per topic)")
-            p.add_argument("--last-valid-sequence", type=int, default=0, metavar="N",
-                           help="for topics not named with --last-valid (default 0: none stay valid)")
+            p.add_argument(
+                "--last-valid",
+                action="append",
+                default=[],
+                metavar="TOPIC=N",
+                help="last genuine sequence number on TOPIC (repeatable; sequences count per topic)",
+            )
+            p.add_argument(
+                "--last-valid-sequence",
+                type=int,
+                default=0,
+                metavar="N",
+                help="for topics not named with --last-valid (default 0: none stay valid)",
+            )
         p.set_defaults(handler=run_register, revoke=name == "revoke")
     ls = keys.add_parser("list", help="the registry as a receiver sees it")
     ls.add_argument("--anchor", type=Path, action="append", required=True, help="trust anchor public key (PEM)")

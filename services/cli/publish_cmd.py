@@ -107,8 +107,14 @@ def _print_table(console: Console, outcomes: list[Outcome], result: dict[str, An
     console.print(
         f"{result['total']} items, {result['bytes']:,} bytes: {result['published']} published, "
         f"{result['already-published']} already published, {result['failed']} failed"
-        + (f" — {result['retriable']} of them may succeed if you run the same command again" if result["retriable"]
-           else "")
-        + (" — the others need their metadata or file fixed (see the table)" if result["failed"] > result["retriable"]
-           else "")
+        + (
+            f" — {result['retriable']} of them may succeed if you run the same command again"
+            if result["retriable"]
+            else ""
+        )
+        + (
+            " — the others need their metadata or file fixed (see the table)"
+            if result["failed"] > result["retriable"]
+            else ""
+        )
     )

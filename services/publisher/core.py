@@ -95,9 +95,7 @@ def parse_metadata(raw: Mapping[str, Any] | bytes) -> EvidenceMetadata:
             return EvidenceMetadata.model_validate_json(raw)
         return EvidenceMetadata.model_validate(raw)
     except ValidationError as exc:
-        errors = [
-            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]} for e in exc.errors()
-        ]
+        errors = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]} for e in exc.errors()]
         raise ValidationFailed("the evidence metadata is invalid", errors=errors) from None
 
 

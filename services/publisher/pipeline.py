@@ -218,11 +218,23 @@ class EvidencePublisher:
             )  # fmt: skip
             rows = self._stage(conn, event_id, "evidence_event", events, meta.case_ids[0], disclosures)
             all_jurisdictions = sorted(set(meta.jurisdictions) | set(_jurisdictions(existing)))
-            conn.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, NULL, NULL)",
-                         (meta.item_id, version, event_id, json.dumps(meta.case_ids), json.dumps(all_jurisdictions)))
-            state.insert(conn, "versions", {
-                "item_id": meta.item_id, "version": version, "event_id": event_id, "sha256": content.sha256,
-                "media_type": content.media_type, "size": content.size, "published_at": now.isoformat()})
+            conn.execute(
+                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, NULL, NULL)",
+                (meta.item_id, version, event_id, json.dumps(meta.case_ids), json.dumps(all_jurisdictions)),
+            )
+            state.insert(
+                conn,
+                "versions",
+                {
+                    "item_id": meta.item_id,
+                    "version": version,
+                    "event_id": event_id,
+                    "sha256": content.sha256,
+                    "media_type": content.media_type,
+                    "size": content.size,
+                    "published_at": now.isoformat(),
+                },
+            )
             self._record(conn, key, fingerprint, operation, event_id, meta.item_id, version, now)
             return event_id, version, False, rows
 
@@ -294,9 +306,11 @@ class EvidencePublisher:
             envelope = seal(self.codec, schema=schema, record=record, topic=topic, signer=self.signer,
                             sequence=sequence, disclosures=disclosures)  # fmt: skip
             if len(envelope) > MAX_ENVELOPE_BYTES - RECORD_OVERHEAD:  # never commit what can't be sent or verified
-                raise PayloadTooLarge(f"the signed event would be {len(envelope)} bytes; the limit is "
-                                      f"{MAX_ENVELOPE_BYTES - RECORD_OVERHEAD} (shorten the description or "
-                                      "protected values)")
+                raise PayloadTooLarge(
+                    f"the signed event would be {len(envelope)} bytes; the limit is "
+                    f"{MAX_ENVELOPE_BYTES - RECORD_OVERHEAD} (shorten the description or "
+                    "protected values)"
+                )
             rows.append(state.OutboxRow(event_id, jurisdiction, topic, case_id.encode(), key_id, sequence, envelope,
                                         None, None))  # fmt: skip
         state.stage(conn, rows)

@@ -145,5 +145,3 @@ def repr_digest_sha256(header: str | None) -> str | None:
                 return raw.hex()
     raise ValidationFailed("Repr-Digest must carry sha-256=:<base64 of 32 bytes>: (RFC 9530)",
                            errors=[{"field": "Repr-Digest", "message": "no valid sha-256 member"}])  # fmt: skip
-
-

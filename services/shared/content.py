@@ -69,11 +69,19 @@ class Staged:
 
 class ContentStore(Protocol):
     async def put(
-        self, chunks: AsyncIterable[bytes], *, max_size: int, accept: Acceptor | None = None,
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        max_size: int,
+        accept: Acceptor | None = None,
         expected_sha256: str | None = None,
     ) -> StoredContent: ...
     async def stage(
-        self, chunks: AsyncIterable[bytes], *, max_size: int, accept: Acceptor | None = None,
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        max_size: int,
+        accept: Acceptor | None = None,
         expected_sha256: str | None = None,
     ) -> Staged: ...
     async def commit(self, staged: Staged) -> None: ...
@@ -108,7 +116,11 @@ class LocalContentStore:
         return self._objects / sha256[:2] / sha256
 
     async def put(
-        self, chunks: AsyncIterable[bytes], *, max_size: int, accept: Acceptor | None = None,
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        max_size: int,
+        accept: Acceptor | None = None,
         expected_sha256: str | None = None,
     ) -> StoredContent:
         """Stream ``chunks`` into the store. ``accept(head)`` runs after the last byte arrived and before anything
@@ -129,7 +141,11 @@ class LocalContentStore:
         return staged.content
 
     async def stage(
-        self, chunks: AsyncIterable[bytes], *, max_size: int, accept: Acceptor | None = None,
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        max_size: int,
+        accept: Acceptor | None = None,
         expected_sha256: str | None = None,
     ) -> Staged:
         """Stream ``chunks`` into a temporary file and check them (as :meth:`put`), without keeping them yet.
@@ -153,7 +169,8 @@ class LocalContentStore:
                 if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
                     raise DigestMismatch(
                         f"the file received has SHA-256 {digest.hexdigest()}, the sender announced {expected_sha256}",
-                        received=digest.hexdigest(), announced=expected_sha256,
+                        received=digest.hexdigest(),
+                        announced=expected_sha256,
                     )
                 if accept is not None:
                     accept(bytes(head))

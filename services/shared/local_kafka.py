@@ -158,7 +158,6 @@ def render_properties(props: Mapping[str, str]) -> str:
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 
-
 @dataclass(frozen=True)
 class NodeConfig:
     """One node's identity and addresses: everything that must stay the same for it to restart on its data.
@@ -410,9 +409,7 @@ class LocalKafka:
         return "(no log written)"
 
     def _formatted(self, result: subprocess.CompletedProcess[bytes] | tuple[int, bytes]) -> None:
-        code, output = (
-            (result.returncode, result.stdout) if isinstance(result, subprocess.CompletedProcess) else result
-        )
+        code, output = (result.returncode, result.stdout) if isinstance(result, subprocess.CompletedProcess) else result
         if code != 0:
             raise BrokerStartError(f"formatting KRaft storage failed: {output.decode(errors='replace')[-500:]}")
         self.formatted_now = True
@@ -533,9 +530,7 @@ class LocalKafka:
                     await asyncio.sleep(0.1)
         except TimeoutError:
             await self.astop()
-            raise BrokerStartError(
-                f"broker not ready after {self.start_timeout:.0f}s:\n{self.tail_log()}"
-            ) from None
+            raise BrokerStartError(f"broker not ready after {self.start_timeout:.0f}s:\n{self.tail_log()}") from None
         except BaseException:
             await self.astop()
             raise

@@ -105,9 +105,7 @@ async def test_csv_batch_publishes_with_media_types_from_the_bytes_and_a_rerun_s
         assert len(await read_to_end(hub.stack.bootstrap, hub.stack.topic(j))) == 3
 
 
-async def test_an_interrupted_batch_resumes_and_a_lost_journal_still_never_duplicates(
-    hub: Hub, tmp_path: Path
-) -> None:
+async def test_an_interrupted_batch_resumes_and_a_lost_journal_still_never_duplicates(hub: Hub, tmp_path: Path) -> None:
     folder = tmp_path / "batch"
     manifest = _csv_batch(folder, hub.stack.jurisdictions, n=4)
     lines = manifest.read_text().splitlines()

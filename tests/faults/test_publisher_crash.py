@@ -83,8 +83,13 @@ async def test_temporary_files_of_uploads_killed_mid_way_are_removed_at_the_next
                 f"{meta}\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"v.png\"\r\n"
                 "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
         _, writer = await asyncio.open_connection("127.0.0.1", publisher.port)
-        writer.write(f"POST /v1/evidence HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                     f"Content-Length: {len(head) + (64 << 20)}\r\n\r\n".encode() + head + png(seed=k) + bytes(8 << 20))
+        writer.write(
+            f"POST /v1/evidence HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {len(head) + (64 << 20)}\r\n\r\n".encode()
+            + head
+            + png(seed=k)
+            + bytes(8 << 20)
+        )
         await writer.drain()
         await until("the upload is being stored", 30, lambda: any(temporary.iterdir()))
         await publisher.kill()
@@ -95,5 +100,10 @@ async def test_temporary_files_of_uploads_killed_mid_way_are_removed_at_the_next
     await publisher.start()
     assert list(temporary.iterdir()) == [], "removed at start"
     assert await publisher.stop() == 0
-    report.append(Row("publisher SIGKILL during large uploads (temporary files)", runs=runs(2),
-                      note=f"{left} temporary files left by the kills, all removed at the next start"))
+    report.append(
+        Row(
+            "publisher SIGKILL during large uploads (temporary files)",
+            runs=runs(2),
+            note=f"{left} temporary files left by the kills, all removed at the next start",
+        )
+    )

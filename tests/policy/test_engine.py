@@ -66,11 +66,15 @@ def test_one_cached_decision_serves_until_the_next_moment_that_can_change_it(eng
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('permit(principal, action, resource) when { context.now < datetime("2027-01-01T00:00:00Z") };',
-         (datetime(2027, 1, 1, tzinfo=UTC),)),
+        (
+            'permit(principal, action, resource) when { context.now < datetime("2027-01-01T00:00:00Z") };',
+            (datetime(2027, 1, 1, tzinfo=UTC),),
+        ),
         ("permit(principal, action, resource) when { context.now < resource.embargo_until };", ()),
-        ('permit(principal, action, resource) when { context.now < resource.embargo_until.offset(duration("1d")) };',
-         None),
+        (
+            'permit(principal, action, resource) when { context.now < resource.embargo_until.offset(duration("1d")) };',
+            None,
+        ),
     ],
     ids=["literal", "attribute-only", "arithmetic-falls-back-to-seconds"],
 )

@@ -109,8 +109,13 @@ def _item() -> ItemAttributes:
 
 
 def _variant(pack: PolicyPack, **changes: object) -> PolicyVersion:
-    fields: dict[str, object] = {"policy_text": pack.policy_text, "schema_text": pack.schema_text,
-                                 "offices": pack.offices, "author": "policy-board", "effective_from": V2_FROM}
+    fields: dict[str, object] = {
+        "policy_text": pack.policy_text,
+        "schema_text": pack.schema_text,
+        "offices": pack.offices,
+        "author": "policy-board",
+        "effective_from": V2_FROM,
+    }
     return PolicyVersion.model_validate({**fields, **changes})  # fmt: skip
 
 
@@ -186,8 +191,11 @@ def test_a_decision_at_a_past_time_uses_the_version_in_force_then(
     assert (none.allowed, none.policy_version, none.withheld_fields) == (False, None, ("WITNESS_IDENTIFYING",))
 
 
-@pytest.mark.parametrize("data", [b"", b"not json", b"[]", b'{"format":"evhub-policy-version/1"}',
-                                  b"{" + b" " * (1 << 20) + b"}"], ids=["empty", "text", "list", "no body", "huge"])
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not json", b"[]", b'{"format":"evhub-policy-version/1"}', b"{" + b" " * (1 << 20) + b"}"],
+    ids=["empty", "text", "list", "no body", "huge"],
+)
 def test_corrupt_records_are_skipped_and_counted(store: PolicyStore, data: bytes) -> None:
     assert store.ingest(data, where="hub.policy[0]@9", appended_at=APPENDED) is None
     assert store.rejected == {"DecodeError": 1}
@@ -208,7 +216,7 @@ def test_any_single_byte_change_is_refused(data: st.DataObject) -> None:
     record = sign(_VERSION, key).to_record()
     index = data.draw(st.integers(0, len(record) - 1))
     byte = data.draw(st.integers(0, 255).filter(lambda b: b != record[index]))
-    changed = record[:index] + bytes([byte]) + record[index + 1:]
+    changed = record[:index] + bytes([byte]) + record[index + 1 :]
     store = PolicyStore(trusted=trusted_keys([key.public]))
     assert store.ingest(changed, where="fuzz", appended_at=APPENDED) is None
     assert sum(store.rejected.values()) == 1

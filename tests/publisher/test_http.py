@@ -215,8 +215,9 @@ def raw_form(meta: dict[str, Any], data: bytes, disposition: str) -> aiohttp.Mul
     """A form whose file part carries ``disposition`` exactly (as curl -F sends it; aiohttp's FormData would
     percent-encode the name)."""
     body = aiohttp.MultipartWriter("form-data")
-    body.append(json.dumps(meta), {"Content-Type": "application/json"}).set_content_disposition("form-data",
-                                                                                               name="metadata")
+    body.append(json.dumps(meta), {"Content-Type": "application/json"}).set_content_disposition(
+        "form-data", name="metadata"
+    )
     body.append(data, {"Content-Type": "application/octet-stream"}).headers["Content-Disposition"] = disposition
     return body
 

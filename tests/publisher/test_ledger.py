@@ -96,8 +96,9 @@ def test_a_record_claiming_this_key_whose_signature_fails_is_ignored_as_forged(c
     ledger.verdict()  # a forger cannot stop the publisher
 
 
-@pytest.mark.parametrize("value", [None, b"", b"junk", b"\xc3\x01" + b"\x00" * 40], ids=["none", "empty", "junk",
-                                                                                          "bad-fingerprint"])
+@pytest.mark.parametrize(
+    "value", [None, b"", b"junk", b"\xc3\x01" + b"\x00" * 40], ids=["none", "empty", "junk", "bad-fingerprint"]
+)
 def test_other_keys_and_undecodable_records_are_not_this_keys(codec: AvroCodec, value: bytes | None) -> None:
     assert claimed(codec, KEY.key_id, 0, 0, value) is None
     assert claimed(codec, KEY.key_id, 0, 0, _withdrawal(codec, OTHER, 1)) is None

@@ -63,8 +63,10 @@ def _parts(meta: dict[str, Any], *files: bytes) -> tuple[bytes, bytes]:
     head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"metadata\"\r\n"
             f"Content-Type: application/json\r\n\r\n{json.dumps(meta)}\r\n").encode()  # fmt: skip
     rest = b"".join(
-        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f{i}.png\"\r\n"
-        f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="f{i}.png"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n".encode()
+        + data
+        + b"\r\n"
         for i, data in enumerate(files)
     )
     return head, rest + f"--{BOUNDARY}--\r\n".encode()
