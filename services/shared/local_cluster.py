@@ -21,7 +21,6 @@ Does not own: one JVM's lifecycle (``local_kafka.LocalKafka``), the hub's topics
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
 import json
 import logging
 import os
@@ -37,7 +36,15 @@ from typing import Literal
 from services.shared.errors import BrokerStartError
 from services.shared.kafka_acls import KAFKA_UNIT, PRINCIPAL_MAPPING_RULES, SERVICES, SUPER_USERS
 from services.shared.kafka_connection import KafkaConnection
-from services.shared.local_kafka import LocalKafka, NodeConfig, free_port, kafka_version, new_cluster_id, port_free
+from services.shared.local_kafka import (
+    LocalKafka,
+    NodeConfig,
+    claim_directory,
+    free_port,
+    kafka_version,
+    new_cluster_id,
+    port_free,
+)
 from services.shared.tls import CertFiles, issue_leaf
 
 log = logging.getLogger(__name__)
@@ -262,13 +269,7 @@ class LocalCluster:
         """Raises: BrokerStartError if another launcher runs this persistent cluster."""
         if not self.persistent:
             return
-        fd = os.open(self.root / ".launcher.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise BrokerStartError(f"another cluster is already running on {self.root}") from None
-        self._lock = fd
+        self._lock = claim_directory(self.root, "cluster")
 
     def start(self) -> str:
         """Format every node (in parallel), start all of them, and block until every one serves. Returns the

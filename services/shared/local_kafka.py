@@ -52,6 +52,22 @@ _COMPLETE = ".complete"
 NODE_FILE = "node.json"
 
 
+def claim_directory(directory: Path, what: str) -> int:
+    """An exclusive lock on ``directory`` for one launcher (a file descriptor; released when it is closed or the
+    process exits).
+
+    Raises:
+        BrokerStartError: another launcher holds it.
+    """
+    fd = os.open(directory / ".launcher.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BrokerStartError(f"another {what} is already running on {directory}") from None
+    return fd
+
+
 def kafka_version() -> str:
     """The broker version pinned in ops/kafka/pom.xml (the one place that names it)."""
     text = POM.read_text(encoding="utf-8")
@@ -312,13 +328,7 @@ class LocalKafka:
         """
         if not self.persistent or self._lock is not None:
             return
-        fd = os.open(self.workdir / ".launcher.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise BrokerStartError(f"another broker is already running on {self.workdir}") from None
-        self._lock = fd
+        self._lock = claim_directory(self.workdir, "broker")
 
     def _release(self) -> None:
         if self._lock is not None:

@@ -21,7 +21,7 @@ import struct
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,6 +43,7 @@ from services.shared.settings import KafkaSettings
 from services.shared.tls import CertFiles
 from tests.publisher.samples import metadata, png
 from tests.shared.independent_verifier import Refused, verify
+from tests.waiting import Bounded, until
 
 #: What every hub service on the cluster is configured with (docker-compose.yml's values).
 REPLICATED = KafkaSettings(replication_factor=3, min_insync_replicas=2, request_timeout_ms=10_000)
@@ -65,24 +66,6 @@ class Row:
     duplicated: int = 0
     unaudited: int | None = None  # reads served without an audit entry (gateway scenarios)
     note: str = ""
-
-
-class Bounded(AssertionError):
-    """A wait of a fault test ran out of time: something hung."""
-
-
-async def until(what: str, within_s: float, check: Callable[[], Any], *, every: float = 0.2) -> Any:
-    """Poll ``check()`` (sync or async) until it returns something truthy; Bounded after ``within_s``."""
-    end = time.monotonic() + within_s
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise Bounded(f"{what}: not within {within_s:.0f}s")
-        await asyncio.sleep(every)
 
 
 def tls_context(files: CertFiles) -> ssl.SSLContext:

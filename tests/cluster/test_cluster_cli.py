@@ -16,7 +16,7 @@ from services.shared.kafka import make_producer
 from services.shared.kafka_connection import KafkaConnection
 from services.shared.local_kafka import die_with_parent
 from services.shared.tls import CertFiles
-from tests.cluster.harness import Bounded
+from tests.waiting import Bounded
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[2]

@@ -35,7 +35,8 @@ from services.shared.local_cluster import LocalCluster
 from services.shared.local_kafka import free_port
 from services.shared.principals import principal_uri
 from services.shared.tls import issue_leaf
-from tests.cluster.harness import ClusterHub, Row, in_sync, partitions, publish, read_topic, runs, tls_context, until
+from tests.cluster.harness import ClusterHub, Row, in_sync, partitions, publish, read_topic, runs, tls_context
+from tests.waiting import until
 
 pytestmark = pytest.mark.kafka
 OFFICE = "DE-GBA-WCU"

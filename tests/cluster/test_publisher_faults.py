@@ -28,7 +28,6 @@ from aiokafka.errors import KafkaError
 from services.shared.local_cluster import LocalCluster
 from tests.cluster.harness import (
     Acked,
-    Bounded,
     ClusterHub,
     Row,
     Streamer,
@@ -40,8 +39,8 @@ from tests.cluster.harness import (
     replica_logs,
     replicas_holding,
     runs,
-    until,
 )
+from tests.waiting import Bounded, until
 
 pytestmark = pytest.mark.kafka
 

@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -42,26 +41,9 @@ from services.shared.registry import issue
 from services.shared.settings import KafkaSettings
 from tests.publisher.samples import metadata, png
 from tests.shared.independent_verifier import Refused, verify
+from tests.waiting import Bounded, until
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class Bounded(AssertionError):
-    """A wait of the fault suite ran out of time: something hung."""
-
-
-async def until(what: str, deadline_s: float, check: Callable[[], Any], *, every: float = 0.1) -> Any:
-    """Poll ``check()`` (sync or async) until it returns something truthy; raise Bounded after ``deadline_s``."""
-    end = time.monotonic() + deadline_s
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise Bounded(f"{what}: not within {deadline_s:.0f}s")
-        await asyncio.sleep(every)
 
 
 @dataclass

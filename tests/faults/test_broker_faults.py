@@ -22,7 +22,8 @@ from services.cli.manifest import Entry
 from services.cli.publish import Outcome
 from services.shared.local_kafka import LocalKafka
 from tests.faults.conftest import runs
-from tests.faults.harness import Bounded, Hub, PublisherProcess, Row, audit, publish, publish_until_done, until
+from tests.faults.harness import Hub, PublisherProcess, Row, audit, publish, publish_until_done
+from tests.waiting import Bounded, until
 
 pytestmark = pytest.mark.kafka
 STOP_S = float(os.environ.get("EVHUB_FAULT_STOP_S", "8"))  # longer than the suite's delivery timeout (3 s)

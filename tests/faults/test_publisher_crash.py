@@ -14,8 +14,9 @@ import pytest
 from services.cli.publish import Outcome
 from services.shared.local_kafka import LocalKafka
 from tests.faults.conftest import runs
-from tests.faults.harness import Hub, PublisherProcess, Row, audit, publish, publish_until_done, until
+from tests.faults.harness import Hub, PublisherProcess, Row, audit, publish, publish_until_done
 from tests.publisher.samples import metadata, png
+from tests.waiting import until
 
 pytestmark = pytest.mark.kafka
 CONCURRENCY = 6

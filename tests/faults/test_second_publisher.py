@@ -13,7 +13,8 @@ import pytest
 
 from services.shared.local_kafka import LocalKafka
 from tests.faults.conftest import runs
-from tests.faults.harness import Hub, PublisherProcess, Row, audit, publish, publish_until_done, until
+from tests.faults.harness import Hub, PublisherProcess, Row, audit, publish, publish_until_done
+from tests.waiting import until
 
 pytestmark = pytest.mark.kafka
 

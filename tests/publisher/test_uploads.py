@@ -21,9 +21,9 @@ from services.publisher.service import create_app
 from services.publisher.settings import PublisherSettings
 from services.shared.serve import ProblemRunner
 from services.shared.tls import CertFiles, client_context, create_dev_pki, server_context
-from tests.faults.harness import until
 from tests.publisher.samples import metadata, png
 from tests.publishing_stack import Stack
+from tests.waiting import until
 
 pytestmark = pytest.mark.kafka
 BOUNDARY = "evhub-test-boundary"
