@@ -268,21 +268,28 @@ class TopicCourier:
         self.round_began = time.monotonic()
         self.idle.clear()
         try:
-            await producer.begin_transaction()
-            futures = []
-            for i in batch:
-                future = await producer.send(self.topic, i.row.envelope, key=i.row.kafka_key)
-                future.add_done_callback(_retrieved)  # a failed round's record errors are the round's error
-                futures.append(future)
-            refused = [(i, why) for i in batch if (why := self.gate(i.row)) is not None]
-            if refused:  # refused while the round was sending (e.g. a revocation arrived): commit none of it
-                await producer.abort_transaction()
-                raise _Refused(refused)
-            await producer.commit_transaction()
-            return [(m.partition, m.offset) for m in (f.result() for f in futures)]
+            # Bounded: aiokafka never expires an idempotent batch, so a round can wait for as long as a restarted
+            # broker leaves its connection unanswered (seen: over 2 minutes). Past the transaction timeout the broker
+            # aborts the transaction anyway; the round fails, and the next fence and reconcile settle its outcome.
+            async with asyncio.timeout(self._settings.transaction_timeout_s):
+                return await self._send_round(producer, batch)
         finally:
             self.round_began = None
             self.idle.set()
+
+    async def _send_round(self, producer: AIOKafkaProducer, batch: list[_Item]) -> list[tuple[int, int]]:
+        await producer.begin_transaction()
+        futures = []
+        for i in batch:
+            future = await producer.send(self.topic, i.row.envelope, key=i.row.kafka_key)
+            future.add_done_callback(_retrieved)  # a failed round's record errors are the round's error
+            futures.append(future)
+        refused = [(i, why) for i in batch if (why := self.gate(i.row)) is not None]
+        if refused:  # refused while the round was sending (e.g. a revocation arrived): commit none of it
+            await producer.abort_transaction()
+            raise _Refused(refused)
+        await producer.commit_transaction()
+        return [(m.partition, m.offset) for m in (f.result() for f in futures)]
 
     async def _visible(self, acks: list[tuple[int, int]]) -> None:
         """Wait (briefly, bounded) until read_committed readers can see the round: the broker answers a commit once
