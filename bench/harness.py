@@ -41,7 +41,7 @@ from typing import Any, Final, Literal, get_args
 
 from services.shared.kafka import TopicSpec, ensure_topics
 
-Unit = Literal["events/s", "records/s", "ops/s", "µs/op", "ms/op", "ms", "µs"]
+Unit = Literal["events/s", "records/s", "ops/s", "files/s", "MiB/s", "µs/op", "ms/op", "ms", "µs"]
 UNITS: Final = frozenset(get_args(Unit))
 #: Units whose value is a latency percentile of :class:`Latencies` samples; the others are computed from a count.
 LATENCY_UNITS: Final = frozenset({"ms", "µs"})
@@ -54,6 +54,7 @@ SCENARIO_MODULES: Final = (
     "bench.scenarios_hub",
     "bench.scenarios_gateway",
     "bench.scenarios_audit",
+    "bench.scenarios_uploads",
 )
 
 

@@ -28,7 +28,8 @@ from bench.harness import LATENCY_UNITS, Repeat
 
 #: Seconds per operation ↔ the unit's value. Rates are per second; times per operation are scaled.
 _PER_OP_SCALE: Final = {"µs/op": 1e6, "ms/op": 1e3}
-_RATE_UNITS: Final = frozenset({"events/s", "records/s", "ops/s"})
+#: Rates: a count per second (for MiB/s the count is of MiB).
+_RATE_UNITS: Final = frozenset({"events/s", "records/s", "ops/s", "files/s", "MiB/s"})
 _LATENCY_SCALE: Final = {"ms": 1e3, "µs": 1e6}
 
 

@@ -26,6 +26,8 @@ from services.shared.errors import ConfigurationError, EvidenceHubError, Infrast
 from services.shared.media import HEAD_BYTES, sniff
 
 CHUNK = 1 << 20
+#: Uploads in flight at once (``evhub publish --concurrency``).
+DEFAULT_CONCURRENCY = 4
 
 
 @dataclass

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from services.cli import manifest
 from services.cli.client_settings import ClientSettings
-from services.cli.publish import Journal, Outcome, publish_all, summary
+from services.cli.publish import DEFAULT_CONCURRENCY, Journal, Outcome, publish_all, summary
 from services.shared.errors import ValidationFailed
 from services.shared.tls import client_context
 
@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
     p.add_argument("--key", type=Path, help="client private key (PEM)")
     p.add_argument("--ca", type=Path, help="CA that signed the publisher's certificate")
     p.add_argument("--journal", type=Path, help="resume journal (default: .evhub-publish.jsonl beside the manifest)")
-    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
     p.add_argument("--check", action="store_true", help="validate the manifest and the files, send nothing")
     p.set_defaults(handler=run_publish)
