@@ -22,11 +22,12 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Protocol
+from typing import BinaryIO, Final, Protocol
 
 from services.shared.errors import (
     DigestMismatch,
@@ -85,6 +86,7 @@ class ContentStore(Protocol):
         expected_sha256: str | None = None,
     ) -> Staged: ...
     async def commit(self, staged: Staged) -> None: ...
+    async def commit_all(self, staged: Sequence[Staged]) -> None: ...
     async def discard(self, staged: Staged) -> None: ...
     async def remove(self, sha256: str) -> bool: ...
     async def sweep(self, *, older_than_s: float = 0.0) -> tuple[int, int]: ...
@@ -155,48 +157,71 @@ class LocalContentStore:
         fd, tmp_name = await asyncio.to_thread(tempfile.mkstemp, dir=self._tmp, prefix="in-")
         tmp = Path(tmp_name)
         self._in_use.add(tmp.name)
-        digest, size, head = hashlib.sha256(), 0, bytearray()
+        sink = _Sink(os.fdopen(fd, "wb"))
+        size, head = 0, bytearray()
+        batch: list[bytes] = []
+        batched = 0
+        writing: asyncio.Future[None] | None = None  # the previous batch, hashed and written by a worker thread
         try:
-            with os.fdopen(fd, "wb") as out:
-                async for chunk in _from_client(chunks):
-                    size += len(chunk)
-                    if size > max_size:
-                        raise PayloadTooLarge(f"file is larger than the {max_size}-byte limit", limit=max_size)
-                    if len(head) < HEAD_BYTES:
-                        head += chunk[: HEAD_BYTES - len(head)]
-                    digest.update(chunk)
-                    await asyncio.to_thread(out.write, chunk)
-                if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
-                    raise DigestMismatch(
-                        f"the file received has SHA-256 {digest.hexdigest()}, the sender announced {expected_sha256}",
-                        received=digest.hexdigest(),
-                        announced=expected_sha256,
-                    )
-                if accept is not None:
-                    accept(bytes(head))
-                await asyncio.to_thread(_flush_and_sync, out)
+            async for chunk in _from_client(chunks):
+                size += len(chunk)
+                if size > max_size:
+                    raise PayloadTooLarge(f"file is larger than the {max_size}-byte limit", limit=max_size)
+                if len(head) < HEAD_BYTES:
+                    head += chunk[: HEAD_BYTES - len(head)]
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= CHUNK:  # one thread hand-off per MiB; the loop reads the next one meanwhile
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(asyncio.to_thread(sink.write, batch))
+                    batch, batched = [], 0
+            if writing is not None:
+                await writing
+            await asyncio.to_thread(sink.write, batch)
+            received = sink.digest.hexdigest()
+            if expected_sha256 is not None and received != expected_sha256:
+                raise DigestMismatch(f"the file received has SHA-256 {received}, the sender announced "
+                                     f"{expected_sha256}", received=received, announced=expected_sha256)  # fmt: skip
+            if accept is not None:
+                accept(bytes(head))
+            await asyncio.to_thread(sink.flush)
         except BaseException as exc:
             self._in_use.discard(tmp.name)
+            if writing is not None:
+                writing.cancel()  # its outcome no longer matters; close() waits for the thread itself
+            await asyncio.to_thread(sink.close)  # waits for a write in flight: nothing writes after the unlink
             await asyncio.to_thread(tmp.unlink, missing_ok=True)
             if isinstance(exc, OSError):
                 raise StoreUnavailable(f"content store write failed: {exc.strerror}") from exc
             raise
-        return Staged(StoredContent(sha256=digest.hexdigest(), size=size, head=bytes(head)), tmp)
+        await asyncio.to_thread(sink.close)
+        return Staged(StoredContent(sha256=received, size=size, head=bytes(head)), tmp)
 
     async def commit(self, staged: Staged) -> None:
-        """Keep staged bytes under their digest (once per digest).
+        """Keep staged bytes under their digest (once per digest): fsync the file, rename it, fsync the directory.
 
         Raises:
             StoreUnavailable: the disk failed.
         """
-        if staged.committed:
+        await self.commit_all([staged])
+
+    async def commit_all(self, staged: Sequence[Staged]) -> None:
+        """Keep several staged uploads at once, their fsyncs grouped: every new file's in parallel (the file
+        system commits concurrent fsyncs together), then the renames, then one fsync per directory.
+
+        Raises:
+            StoreUnavailable: the disk failed; what was renamed before stays kept, the rest stays staged.
+        """
+        todo = [s for s in staged if not s.committed]
+        if not todo:
             return
         try:
-            staged.created = await asyncio.to_thread(self._commit, staged.path, staged.sha256)
+            fresh = await asyncio.to_thread(self._absent, todo)
+            await asyncio.gather(*(asyncio.to_thread(_fsync, s.path) for s in fresh))
+            await asyncio.to_thread(self._place, todo, fresh)
         except OSError as exc:
             raise StoreUnavailable(f"content store write failed: {exc.strerror}") from exc
-        staged.committed = True
-        self._in_use.discard(staged.path.name)
 
     async def discard(self, staged: Staged) -> None:
         """Drop staged bytes that were not committed (a no-op after :meth:`commit`)."""
@@ -236,19 +261,32 @@ class LocalContentStore:
             log.warning("removed %d temporary files (%d bytes) left by interrupted uploads", files, size)
         return files, size
 
-    def _commit(self, tmp: Path, sha: str) -> bool:
-        final = self.path_of(sha)
-        if final.exists():  # same bytes → stored once
-            tmp.unlink(missing_ok=True)
-            return False
-        final.parent.mkdir(exist_ok=True)
-        os.replace(tmp, final)
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-        return True
+    def _absent(self, staged: list[Staged]) -> list[Staged]:
+        """The uploads whose digest is not stored yet (the first of several with the same digest)."""
+        seen: set[str] = set()
+        fresh = []
+        for item in staged:
+            if item.sha256 not in seen and not self.path_of(item.sha256).exists():
+                fresh.append(item)
+            seen.add(item.sha256)
+        return fresh
+
+    def _place(self, staged: list[Staged], fresh: list[Staged]) -> None:
+        """Rename the fsynced new files into place and fsync their directories once each; drop the duplicates."""
+        new = {id(item) for item in fresh}
+        folders: dict[Path, None] = {}
+        for item in staged:
+            if id(item) in new:
+                final = self.path_of(item.sha256)
+                final.parent.mkdir(exist_ok=True)
+                os.replace(item.path, final)
+                folders[final.parent] = None
+            else:  # same bytes → stored once
+                item.path.unlink(missing_ok=True)
+            item.committed, item.created = True, id(item) in new
+            self._in_use.discard(item.path.name)
+        for folder in folders:
+            _fsync(folder)  # make the renames themselves durable
 
     async def exists(self, sha256: str) -> bool:
         return await asyncio.to_thread(self.path_of(sha256).is_file)
@@ -290,9 +328,35 @@ async def _from_client(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _flush_and_sync(out: object) -> None:
-    from io import BufferedWriter
+class _Sink:
+    """One upload's temporary file and its running SHA-256, fed from worker threads one batch at a time (hashing
+    and writing release the interpreter lock, so the event loop keeps reading the next batch meanwhile). A lock
+    makes :meth:`close` wait for a write still in flight."""
 
-    assert isinstance(out, BufferedWriter)
-    out.flush()
-    os.fsync(out.fileno())
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+        self.digest = hashlib.sha256()
+
+    def write(self, chunks: list[bytes]) -> None:
+        with self._lock:
+            for chunk in chunks:
+                self.digest.update(chunk)
+                self._out.write(chunk)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._out.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._out.close()
+
+
+def _fsync(path: Path) -> None:
+    """Make a file's bytes (or a directory's entries) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
