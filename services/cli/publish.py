@@ -1,8 +1,10 @@
 """``evhub publish``: an archivist's bulk upload of evidence files through the publisher API.
 
 Owns: choosing the manifest rows to publish, hashing each file (its SHA-256 is the idempotency key, so a repeated
-upload can never create a second event), streaming uploads with a progress bar, a journal that makes a re-run skip
-what was already published, and the summary. Failures of single items are reported, never fatal to the batch.
+upload can never create a second event), sending small files several to a request (``POST /v1/evidence/batch``:
+each still its own event with its own idempotency key and its own result) and large ones streamed one to a
+request, a journal that makes a re-run skip what was already published, and the summary. Failures of single items
+are reported, never fatal to the run. A publisher without the batch route gets one request per file.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import json
 import os
 import ssl
+import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,8 +29,13 @@ from services.shared.errors import ConfigurationError, EvidenceHubError, Infrast
 from services.shared.media import HEAD_BYTES, sniff
 
 CHUNK = 1 << 20
-#: Uploads in flight at once (``evhub publish --concurrency``).
+#: Requests in flight at once (``evhub publish --concurrency``).
 DEFAULT_CONCURRENCY = 4
+#: Files up to this size go several to a request: at most BATCH_ITEMS files and BATCH_BYTES bytes each (the
+#: publisher's defaults allow 64 items and 64 MiB); they are read into memory once, hashed and sent from there.
+BATCH_FILE_MAX = 1 << 20
+BATCH_ITEMS = 32
+BATCH_BYTES = 8 << 20
 
 
 @dataclass
@@ -57,6 +65,7 @@ class Journal:
         """Raises: ConfigurationError if the journal can't be read or written (checked before anything is sent)."""
         self.path = path
         self.done: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
         try:
             with path.open("a", encoding="utf-8"):
                 pass
@@ -77,14 +86,25 @@ class Journal:
 
     def add(self, record: dict[str, Any]) -> None:
         """Raises: ConfigurationError if the journal can no longer be written (e.g. the disk is full)."""
-        self.done[record["item_id"]] = record
-        try:
-            with self.path.open("a", encoding="utf-8") as out:
-                out.write(json.dumps(record) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-        except OSError as exc:
-            raise ConfigurationError(f"cannot write the resume journal {self.path}: {exc.strerror}") from exc
+        self.add_all([record])
+
+    def add_all(self, records: Sequence[dict[str, Any]]) -> None:
+        """Record several items with one fsync (safe from worker threads).
+
+        Raises: ConfigurationError if the journal can no longer be written (e.g. the disk is full).
+        """
+        if not records:
+            return
+        with self._lock:
+            try:
+                with self.path.open("a", encoding="utf-8") as out:
+                    out.write("".join(json.dumps(record) + "\n" for record in records))
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError as exc:
+                raise ConfigurationError(f"cannot write the resume journal {self.path}: {exc.strerror}") from exc
+            for record in records:
+                self.done[record["item_id"]] = record
 
 
 def _hash_file(path: Path) -> tuple[str, int, bytes]:
@@ -168,32 +188,186 @@ async def publish_one(
     outcome.event_id, outcome.version = body["event_id"], body["version"]
     outcome.media_type = body.get("media_type", outcome.media_type)
     outcome.jurisdictions = ",".join(d["jurisdiction"] for d in body["deliveries"])
-    journal.add({"item_id": outcome.item_id, "sha256": sha, "fingerprint": fingerprint, "event_id": outcome.event_id})
+    record = {"item_id": outcome.item_id, "sha256": sha, "fingerprint": fingerprint, "event_id": outcome.event_id}
+    await asyncio.to_thread(journal.add, record)
     return outcome
+
+
+def _read_and_hash(paths: Sequence[Path]) -> list[tuple[str, bytes] | OSError]:
+    """Each small file's SHA-256 and bytes, in one worker-thread call for the whole batch."""
+    read: list[tuple[str, bytes] | OSError] = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            read.append(exc)
+            continue
+        read.append((hashlib.sha256(data).hexdigest(), data))
+    return read
+
+
+class BatchUnsupported(Exception):
+    """The publisher has no batch route (an older one): send these files one to a request."""
+
+
+async def publish_batch(
+    session: aiohttp.ClientSession, url: str, entries: Sequence[Entry], journal: Journal,
+    advance: Callable[[int], None],
+) -> list[Outcome]:  # fmt: skip
+    """Publish small files in one request, each its own event and result; what the journal holds is skipped.
+
+    Raises:
+        PublisherUnreachable: nothing will get through. BatchUnsupported: the publisher has no batch route.
+        ConfigurationError: the journal can no longer be written.
+    """
+    read = await asyncio.to_thread(_read_and_hash, [e.path for e in entries])
+    outcomes: list[Outcome] = []
+    sending: list[tuple[Outcome, str, bytes]] = []  # (outcome, fingerprint, bytes)
+    for entry, got in zip(entries, read, strict=True):
+        meta = entry.metadata
+        if isinstance(got, OSError):
+            outcomes.append(Outcome(meta.item_id, str(entry.path), "failed",
+                                    error=f"cannot read the file: {got.strerror}"))  # fmt: skip
+            continue
+        sha, data = got
+        outcome = Outcome(meta.item_id, str(entry.path), "failed", sha, sniff(data[:HEAD_BYTES]), len(data))
+        outcomes.append(outcome)
+        fingerprint = request_fingerprint(meta, sha)
+        previous = journal.skip(meta.item_id, fingerprint)
+        if previous is not None:
+            advance(len(data))
+            outcome.status, outcome.event_id, outcome.version = "already-published", previous["event_id"], 1
+            outcome.jurisdictions = ",".join(meta.jurisdictions)
+            continue
+        sending.append((outcome, fingerprint, data))
+    if not sending:
+        return outcomes
+    by_id = {e.metadata.item_id: e for e in entries}
+    form = aiohttp.FormData()
+    listed = [{"metadata": json.loads(by_id[o.item_id].metadata.model_dump_json(exclude_none=True)), "sha256": o.sha256,
+               "idempotency_key": f"evhub-publish:{o.item_id}:{o.sha256}"} for o, _, _ in sending]  # fmt: skip
+    form.add_field("items", json.dumps({"items": listed}), content_type="application/json")
+    for outcome, _, data in sending:
+        form.add_field("file", data, filename=by_id[outcome.item_id].metadata.file_name,
+                       content_type="application/octet-stream")  # fmt: skip
+    try:
+        async with session.post(f"{url}/v1/evidence/batch", data=form) as response:
+            if response.status in (404, 405):
+                raise BatchUnsupported(f"HTTP {response.status}")
+            body = await response.json(content_type=None)
+    except aiohttp.ClientConnectorError as exc:
+        raise PublisherUnreachable(f"cannot reach the publisher at {url}: {exc}") from exc
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        for outcome, _, data in sending:
+            outcome.error, outcome.retriable = f"the upload was interrupted: {exc.__class__.__name__}: {exc}", True
+            advance(len(data))
+        return outcomes
+    answers = body.get("items") if response.status == 200 and isinstance(body, dict) else None
+    if not isinstance(answers, list) or len(answers) != len(sending):
+        for outcome, _, data in sending:
+            outcome.error, outcome.retriable = _problem_text(response.status, body), response.status >= 500
+            advance(len(data))
+        return outcomes
+    records = []
+    for (outcome, fingerprint, data), answer in zip(sending, answers, strict=True):
+        advance(len(data))
+        if _settle(outcome, answer):
+            records.append({"item_id": outcome.item_id, "sha256": outcome.sha256, "fingerprint": fingerprint,
+                            "event_id": outcome.event_id})  # fmt: skip
+    await asyncio.to_thread(journal.add_all, records)
+    return outcomes
+
+
+def _settle(outcome: Outcome, answer: Any) -> bool:
+    """Fill ``outcome`` from the batch's answer for it; True if it is published (to be journalled)."""
+    status = answer.get("status") if isinstance(answer, dict) else None
+    if not isinstance(status, int):
+        outcome.error = "the publisher's answer for this item is malformed"
+        return False
+    if status not in (200, 201):
+        outcome.error, outcome.retriable = _problem_text(status, answer.get("problem")), status >= 500
+        return False
+    result = answer.get("result") or {}
+    if result.get("sha256") != outcome.sha256:  # never journal a digest the publisher did not confirm
+        outcome.error = f"the publisher confirmed another file ({str(result.get('sha256'))[:12]}…)"
+        return False
+    outcome.status = "published" if status == 201 else "already-published"
+    outcome.event_id, outcome.version = result["event_id"], result["version"]
+    outcome.media_type = result.get("media_type", outcome.media_type)
+    outcome.jurisdictions = ",".join(d["jurisdiction"] for d in result["deliveries"])
+    return True
+
+
+def _groups(entries: Sequence[Entry]) -> list[list[int]]:
+    """Indices of ``entries`` by request: small files several to a request (in manifest order), others alone."""
+    groups: list[list[int]] = []
+    batch: list[int] = []
+    batched = 0
+    for n, entry in enumerate(entries):
+        try:
+            size = entry.path.stat().st_size
+        except OSError:
+            size = BATCH_FILE_MAX + 1  # sent alone: its own request reports why it cannot be read
+        if size > BATCH_FILE_MAX:
+            groups.append([n])
+            continue
+        if len(batch) == BATCH_ITEMS or batched + size > BATCH_BYTES:
+            groups.append(batch)
+            batch, batched = [], 0
+        batch.append(n)
+        batched += size
+    if batch:
+        groups.append(batch)
+    return groups
 
 
 async def publish_all(
     entries: Sequence[Entry], *, url: str, ssl_context: ssl.SSLContext | None, journal: Journal, concurrency: int,
     on_progress: Callable[[int], None] = lambda n: None, on_done: Callable[[Outcome], None] = lambda o: None,
+    batches: bool = True,
 ) -> list[Outcome]:  # fmt: skip
-    """Publish every entry, at most ``concurrency`` at once, in manifest order in the result."""
+    """Publish every entry, at most ``concurrency`` requests at once (small files several to a request unless
+    ``batches`` is off), in manifest order in the result.
+
+    Raises: PublisherUnreachable, ConfigurationError (the journal) — the first one stops the rest.
+    """
     semaphore = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=600)
     connector = aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else False, limit=concurrency)
+    outcomes: list[Outcome | None] = [None] * len(entries)
+    groups = await asyncio.to_thread(_groups, entries) if batches else [[n] for n in range(len(entries))]
+    use_batches = [batches]
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        async def bounded(entry: Entry) -> Outcome:
+        async def send(group: list[int]) -> None:
             async with semaphore:
-                outcome = await publish_one(session, url, entry, journal, on_progress)
+                results: list[Outcome] | None = None
+                if use_batches[0] and (len(group) > 1 or _small(entries[group[0]])):
+                    try:
+                        results = await publish_batch(session, url, [entries[n] for n in group], journal,
+                                                      on_progress)  # fmt: skip
+                    except BatchUnsupported:
+                        use_batches[0] = False
+                if results is None:
+                    results = [await publish_one(session, url, entries[n], journal, on_progress) for n in group]
+            for n, outcome in zip(group, results, strict=True):
+                outcomes[n] = outcome
                 on_done(outcome)
-                return outcome
 
         try:
-            async with asyncio.TaskGroup() as group:  # the first fatal error (unreachable, journal) stops the rest
-                tasks = [group.create_task(bounded(e)) for e in entries]
+            async with asyncio.TaskGroup() as tasks:  # the first fatal error (unreachable, journal) stops the rest
+                for group in groups:
+                    tasks.create_task(send(group))
         except* EvidenceHubError as errors:
             raise errors.exceptions[0] from None
-        return [t.result() for t in tasks]
+    return [o for o in outcomes if o is not None]
+
+
+def _small(entry: Entry) -> bool:
+    try:
+        return entry.path.stat().st_size <= BATCH_FILE_MAX
+    except OSError:
+        return False
 
 
 def summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:

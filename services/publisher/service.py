@@ -2,6 +2,8 @@
 
 Routes (all errors are RFC 9457 problem+json):
     POST /v1/evidence                          multipart: part ``metadata`` (JSON) then part ``file`` → 201
+    POST /v1/evidence/batch                    multipart: part ``items`` (JSON) then a ``file`` part per item → 200,
+                                               one result or problem per item (``batch``)
     POST /v1/evidence/{item_id}/corrections    same form; a new version naming the one it replaces → 201
     POST /v1/evidence/{item_id}/withdrawal     JSON {"reason": …} → 201
     GET  /v1/evidence/{item_id}                versions, deliveries, withdrawal
@@ -25,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -33,6 +35,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from services.publisher import state
+from services.publisher.batch import check_batch_length, publish_batch, read_batch
 from services.publisher.courier import OutboxSettings
 from services.publisher.datadir import DataDir
 from services.publisher.ledger import intact
@@ -167,6 +170,31 @@ async def _forget(app: web.Application, sha256: str) -> None:
 
 async def post_evidence(request: web.Request) -> web.Response:
     return await _publish_upload(request, correction_of=None)
+
+
+async def post_batch(request: web.Request) -> web.Response:
+    """Several files, each its own event; one upload slot for the whole request."""
+    app = request.app
+    who = app[AUTHENTICATE](request)
+    check_batch_length(request, app[SETTINGS])
+    async with _upload_slot(app, who):
+        items = await read_batch(request, settings=app[SETTINGS], store=app[STORE], publisher=app[PUBLISHER])
+
+        @contextlib.contextmanager
+        def hold(sha256: str) -> Iterator[None]:
+            app[HELD][sha256] += 1
+            try:
+                yield
+            finally:
+                app[HELD][sha256] -= 1
+                if app[HELD][sha256] <= 0:
+                    del app[HELD][sha256]
+
+        results = await publish_batch(items, publisher=app[PUBLISHER], hold=hold,
+                                      forget=lambda sha: _forget(app, sha), instance=request.path)  # fmt: skip
+    log.info("%s published a batch of %d: %d new, %d refused", who, len(results),
+             sum(r["status"] == 201 for r in results), sum(r["status"] >= 400 for r in results))  # fmt: skip
+    return web.json_response({"items": results})
 
 
 async def post_correction(request: web.Request) -> web.Response:
@@ -408,6 +436,7 @@ def create_app(
     app.cleanup_ctx.extend([_own_resources, _relay_task])
     app.on_shutdown.append(_begin_shutdown)
     app.router.add_post("/v1/evidence", post_evidence)
+    app.router.add_post("/v1/evidence/batch", post_batch)
     app.router.add_post("/v1/evidence/{item_id}/corrections", post_correction)
     app.router.add_post("/v1/evidence/{item_id}/withdrawal", post_withdrawal)
     app.router.add_get("/v1/evidence/{item_id}", get_item)

@@ -48,6 +48,9 @@ class PublisherSettings(ServerTLS, BaseSettings):
     #: An upload that sends no bytes for this long is refused (408); at most this many uploads per client at once.
     body_idle_timeout_s: float = Field(default=60.0, gt=0)
     max_uploads_per_client: int = Field(default=32, ge=1)
+    #: A batch request (``POST /v1/evidence/batch``): at most this many items, their files this many bytes in all.
+    max_batch_items: int = Field(default=64, ge=1, le=1000)
+    max_batch_bytes: int = Field(default=64 << 20, ge=1)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 
     def tls_files(self) -> CertFiles | None:

@@ -32,7 +32,7 @@ CHUNK = 1 << 20
 MULTIPART_OVERHEAD = 1 << 20  # boundaries and part headers on top of the file and the metadata
 
 
-async def _within(idle_s: float, read: Awaitable[T]) -> T:
+async def within(idle_s: float, read: Awaitable[T]) -> T:
     """One read from the client, bounded by the idle timeout; a client gone mid-body is the client's error.
 
     Raises:
@@ -50,20 +50,24 @@ async def _within(idle_s: float, read: Awaitable[T]) -> T:
         raise ValidationFailed("malformed multipart body", errors=[{"field": "(body)", "message": str(exc)}]) from exc
 
 
-async def _next_part(reader: MultipartReader, idle_s: float) -> BodyPartReader | None:
-    part = await _within(idle_s, reader.next())
+async def next_part(reader: MultipartReader, idle_s: float) -> BodyPartReader | None:
+    part = await within(idle_s, reader.next())
     if part is not None and not isinstance(part, BodyPartReader):
         raise ValidationFailed("nested multipart is not accepted", errors=[{"field": "(body)", "message": "nested"}])
     return part
 
 
-async def _read_metadata(part: BodyPartReader, limit: int, idle_s: float) -> core.EvidenceMetadata:
+async def read_part(part: BodyPartReader, limit: int, idle_s: float, *, what: str = "metadata") -> bytes:
+    """A small part (JSON) read whole, at most ``limit`` bytes.
+
+    Raises: PayloadTooLarge, and as :func:`within`.
+    """
     data = bytearray()
-    while chunk := await _within(idle_s, part.read_chunk(64 << 10)):
+    while chunk := await within(idle_s, part.read_chunk(64 << 10)):
         data += chunk
         if len(data) > limit:
-            raise PayloadTooLarge(f"metadata is larger than {limit} bytes")
-    return core.parse_metadata(bytes(data))
+            raise PayloadTooLarge(f"{what} is larger than {limit} bytes")
+    return bytes(data)
 
 
 def check_length(request: web.Request, settings: PublisherSettings) -> None:
@@ -87,18 +91,18 @@ async def read_upload(
     if not request.content_type.startswith("multipart/"):
         raise ValidationFailed("send multipart/form-data: a 'metadata' part (JSON), then a 'file' part",
                                errors=[{"field": "(body)", "message": f"got {request.content_type}"}])  # fmt: skip
-    reader = await _within(idle, request.multipart())
-    part = await _next_part(reader, idle)
+    reader = await within(idle, request.multipart())
+    part = await next_part(reader, idle)
     if part is None or part.name != "metadata":
         raise ValidationFailed(
             "the first part must be 'metadata'", errors=[{"field": "metadata", "message": "missing"}]
         )
-    meta = await _read_metadata(part, settings.max_metadata_bytes, idle)
+    meta = core.parse_metadata(await read_part(part, settings.max_metadata_bytes, idle))
     core.check_jurisdictions(meta, settings.jurisdictions)
     announced = repr_digest_sha256(request.headers.get("Repr-Digest"))
     if announced is not None:  # the digest is known before a byte of the file: refuse what would be refused now
         await publisher.precheck(meta, announced, idempotency_key=idempotency_key, correction_of=correction_of)
-    part = await _next_part(reader, idle)
+    part = await next_part(reader, idle)
     if part is None or part.name != "file":
         raise ValidationFailed("the second part must be 'file'", errors=[{"field": "file", "message": "missing"}])
     file_part = part
@@ -106,7 +110,7 @@ async def read_upload(
     detected: list[str] = []
 
     async def chunks() -> AsyncIterator[bytes]:
-        while chunk := await _within(idle, file_part.read_chunk(CHUNK)):
+        while chunk := await within(idle, file_part.read_chunk(CHUNK)):
             yield chunk
 
     def accept(head: bytes) -> None:
@@ -114,7 +118,7 @@ async def read_upload(
 
     staged = await store.stage(chunks(), max_size=settings.max_file_bytes, accept=accept, expected_sha256=announced)
     try:
-        if await _next_part(reader, idle) is not None:
+        if await next_part(reader, idle) is not None:
             raise ValidationFailed("one file per request", errors=[{"field": "file", "message": "a second part"}])
         if announced is None:
             await publisher.precheck(meta, staged.sha256, idempotency_key=idempotency_key,

@@ -38,6 +38,20 @@ def problem(status: int, title: str, detail: str, *, type_slug: str, instance: s
     return web.Response(text=text, status=status, content_type=PROBLEM_JSON)
 
 
+def problem_document(exc: EvidenceHubError, *, instance: str) -> dict[str, Any]:
+    """The RFC 9457 problem object for a hub error, as the middleware would answer it — for a response that
+    carries one per item (a batch). A trust error's details go to the log under an incident id, as always."""
+    if isinstance(exc, TrustError):
+        incident = uuid.uuid4().hex[:16]
+        log.warning("%s untrusted (incident %s): %s: %s", instance, incident, type(exc).__name__, exc.detail)
+        return {"type": TYPE_BASE + TrustError.type_slug, "title": TrustError.title, "status": exc.http_status,
+                "detail": UNTRUSTED_DETAIL, "instance": instance, "incident": incident}  # fmt: skip
+    body = {"type": TYPE_BASE + exc.type_slug, "title": exc.title, "status": exc.http_status, "detail": exc.detail,
+            "instance": instance}  # fmt: skip
+    document: dict[str, Any] = json.loads(json.dumps({**exc.extensions, **body}, default=str))  # datetimes → text
+    return document
+
+
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
