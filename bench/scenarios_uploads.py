@@ -186,7 +186,7 @@ async def _small_setup(ctx: Context) -> None:
     rig = await _rig_setup(ctx)
     folder = rig.work / "evidence"
     folder.mkdir()
-    ctx.state.update(folder=folder, sizes=_small_sizes(ctx.events), growth_kib=0)
+    ctx.state.update(folder=folder, sizes=_small_sizes(ctx.events), growth_kib=0, publisher_cpu=[])
 
 
 @scenario(name="hub-upload-small-files", unit="files/s", baseline="disk-write-files", events=10_000,
@@ -201,16 +201,19 @@ async def hub_upload_small_files(ctx: Context) -> int:
     for n, path in enumerate(paths):
         raw = sample_metadata(f"BENCH-SMALL-{rig.jurisdiction}-{r}-{n}", [rig.jurisdiction], n)
         entries.append(Entry(path, parse_metadata({**raw, "file_name": path.name}), n))
-    before = rig.rss_kib()
+    before, cpu = rig.rss_kib(), _cpu_seconds(rig.pid)
     rig.reset_peak()
     with ctx.timed():
         outcomes = await _publish(ctx, entries, concurrency=DEFAULT_CONCURRENCY)
     ctx.state["growth_kib"] = max(ctx.state["growth_kib"], rig.peak_kib() - before)
+    ctx.state["publisher_cpu"].append((_cpu_seconds(rig.pid) - cpu) / len(paths))
     _check(outcomes)
     _forget_stored(rig)
     total = sum(ctx.state["sizes"])
+    per_file = sorted(ctx.state["publisher_cpu"])[len(ctx.state["publisher_cpu"]) // 2] * 1e6
+    growth = ctx.state["growth_kib"] / 1024
     ctx.shape = (f"{len(paths):,} files, {total / MIB:,.1f} MiB; concurrency {DEFAULT_CONCURRENCY}; "
-                 f"publisher RSS +{ctx.state['growth_kib'] / 1024:,.1f} MiB (max)")  # fmt: skip
+                 f"publisher RSS +{growth:,.1f} MiB (max), {per_file:,.0f} µs CPU/file")  # fmt: skip
     return len(paths)
 
 

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
@@ -41,6 +41,8 @@ from services.shared.media import HEAD_BYTES
 
 log = logging.getLogger(__name__)
 CHUNK: Final = 1 << 20
+#: Worker threads that fsync the files of one group commit at once (the file system joins concurrent fsyncs).
+FSYNC_LANES: Final = 4
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -154,10 +156,9 @@ class LocalContentStore:
 
         Raises: as :meth:`put`; on any error nothing is left behind.
         """
-        fd, tmp_name = await asyncio.to_thread(tempfile.mkstemp, dir=self._tmp, prefix="in-")
-        tmp = Path(tmp_name)
+        tmp = self._tmp / f"in-{secrets.token_hex(12)}"
         self._in_use.add(tmp.name)
-        sink = _Sink(os.fdopen(fd, "wb"))
+        sink = _Sink(tmp)  # the file is created by the first write, in a worker thread
         size, head = 0, bytearray()
         batch: list[bytes] = []
         batched = 0
@@ -178,24 +179,21 @@ class LocalContentStore:
                     batch, batched = [], 0
             if writing is not None:
                 await writing
-            await asyncio.to_thread(sink.write, batch)
+            await asyncio.to_thread(sink.finish, batch)  # a small file: this is its only hand-off
             received = sink.digest.hexdigest()
             if expected_sha256 is not None and received != expected_sha256:
                 raise DigestMismatch(f"the file received has SHA-256 {received}, the sender announced "
                                      f"{expected_sha256}", received=received, announced=expected_sha256)  # fmt: skip
             if accept is not None:
                 accept(bytes(head))
-            await asyncio.to_thread(sink.flush)
         except BaseException as exc:
             self._in_use.discard(tmp.name)
             if writing is not None:
-                writing.cancel()  # its outcome no longer matters; close() waits for the thread itself
-            await asyncio.to_thread(sink.close)  # waits for a write in flight: nothing writes after the unlink
-            await asyncio.to_thread(tmp.unlink, missing_ok=True)
+                writing.cancel()  # its outcome no longer matters; discard() waits for the thread itself
+            await asyncio.to_thread(sink.discard)
             if isinstance(exc, OSError):
                 raise StoreUnavailable(f"content store write failed: {exc.strerror}") from exc
             raise
-        await asyncio.to_thread(sink.close)
         return Staged(StoredContent(sha256=received, size=size, head=bytes(head)), tmp)
 
     async def commit(self, staged: Staged) -> None:
@@ -218,7 +216,8 @@ class LocalContentStore:
             return
         try:
             fresh = await asyncio.to_thread(self._absent, todo)
-            await asyncio.gather(*(asyncio.to_thread(_fsync, s.path) for s in fresh))
+            lanes = [[s.path for s in fresh[i::FSYNC_LANES]] for i in range(min(FSYNC_LANES, len(fresh)))]
+            await asyncio.gather(*(asyncio.to_thread(_fsync_all, lane) for lane in lanes))
             await asyncio.to_thread(self._place, todo, fresh)
         except OSError as exc:
             raise StoreUnavailable(f"content store write failed: {exc.strerror}") from exc
@@ -330,27 +329,43 @@ async def _from_client(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
 
 class _Sink:
     """One upload's temporary file and its running SHA-256, fed from worker threads one batch at a time (hashing
-    and writing release the interpreter lock, so the event loop keeps reading the next batch meanwhile). A lock
-    makes :meth:`close` wait for a write still in flight."""
+    and writing release the interpreter lock, so the event loop keeps reading the next batch meanwhile). The file
+    is created by the first write (a small upload costs one hand-off in all); a lock makes :meth:`discard` wait for
+    a write still in flight."""
 
-    def __init__(self, out: BinaryIO) -> None:
-        self._out = out
-        self._lock = threading.Lock()
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.digest = hashlib.sha256()
+        self._out: BinaryIO | None = None
+        self._lock = threading.Lock()
+
+    def _write(self, chunks: list[bytes]) -> BinaryIO:
+        if self._out is None:
+            self._out = self.path.open("xb")
+        for chunk in chunks:
+            self.digest.update(chunk)
+            self._out.write(chunk)
+        return self._out
 
     def write(self, chunks: list[bytes]) -> None:
         with self._lock:
-            for chunk in chunks:
-                self.digest.update(chunk)
-                self._out.write(chunk)
+            self._write(chunks)
 
-    def flush(self) -> None:
+    def finish(self, chunks: list[bytes]) -> None:
+        """The last bytes; the file is closed (its bytes are fsynced when it is committed)."""
         with self._lock:
-            self._out.flush()
+            self._write(chunks).close()
 
-    def close(self) -> None:
+    def discard(self) -> None:
         with self._lock:
-            self._out.close()
+            if self._out is not None:
+                self._out.close()
+            self.path.unlink(missing_ok=True)
+
+
+def _fsync_all(paths: list[Path]) -> None:
+    for path in paths:
+        _fsync(path)
 
 
 def _fsync(path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from services.publisher.service import create_app
+from services.publisher.service import UPLOADS, create_app
 from services.publisher.settings import PublisherSettings
 from services.shared.serve import ProblemRunner
 from services.shared.tls import CertFiles, client_context, create_dev_pki, server_context
@@ -35,6 +35,11 @@ class Server:
     port: int
     pki: dict[str, CertFiles]
     stack: Stack
+    app: web.Application
+
+    def uploads(self) -> int:
+        """Uploads in progress (the service's per-client counter)."""
+        return sum(self.app[UPLOADS].values())
 
     def files(self) -> list[Path]:
         root = self.stack.store.path_of("0" * 64).parents[2]  # the whole store, temporary files included
@@ -49,11 +54,12 @@ async def server(stack: Stack, tmp_path: Path) -> AsyncIterator[Server]:
         allowed_clients=["archivist"], jurisdictions=stack.jurisdictions, max_file_bytes=1 << 20,
         data_dir=tmp_path / "unused", body_idle_timeout_s=IDLE_S, max_uploads_per_client=2,
     )  # fmt: skip
-    runner = ProblemRunner(create_app(settings, publisher=stack.publisher, store=stack.store))
+    app = create_app(settings, publisher=stack.publisher, store=stack.store)
+    runner = ProblemRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(pki["publisher"])).start()
     try:
-        yield Server(runner.addresses[0][1], pki, stack)
+        yield Server(runner.addresses[0][1], pki, stack, app)
     finally:
         await runner.cleanup()
 
@@ -153,8 +159,8 @@ async def test_a_client_gone_mid_upload_is_its_error_not_an_unhandled_one_and_le
     raw = await Raw.open(server)
     body = head[: len(head) // 2] if cut == "metadata" else head + rest[: len(rest) // 2]
     await raw.send(_headers(len(head) + len(rest)) + body)
-    if cut == "file":
-        await until("the upload is being stored", 20, lambda: server.files() != [])
+    # the body is cut where it was sent: the server reads up to there, then meets the end of the connection
+    await until("the upload has begun", 20, lambda: server.uploads())
     await raw.close()
     await until("the server is done with it", 20, lambda: server.files() == [] and _answered(caplog))
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]

@@ -13,6 +13,7 @@ import pytest
 from services.shared.content import LocalContentStore, check_digest
 from services.shared.errors import NotFound, PayloadTooLarge, UnsupportedMediaType, UploadInterrupted, ValidationFailed
 from services.shared.media import HEAD_BYTES
+from tests.waiting import until
 
 MIB: Final = 1 << 20
 
@@ -92,15 +93,16 @@ async def test_an_upload_cancelled_midway_leaves_nothing(tmp_path: Path) -> None
     first_chunk_taken, never = asyncio.Event(), asyncio.Event()
 
     async def stalled() -> AsyncIterator[bytes]:
+        yield _chunk(0)  # a whole MiB: handed to a worker thread, which creates the file and writes it
         yield b"part of a file"
         first_chunk_taken.set()
         await never.wait()
         yield b"never sent"
 
     store = LocalContentStore(tmp_path)
-    upload = asyncio.create_task(store.put(stalled(), max_size=MIB))
+    upload = asyncio.create_task(store.put(stalled(), max_size=4 * MIB))
     await asyncio.wait_for(first_chunk_taken.wait(), timeout=10)
-    assert len(_files(tmp_path / "tmp")) == 1  # the upload is in progress, in the tmp folder
+    await until("the upload is in progress, in the tmp folder", 10, lambda: len(_files(tmp_path / "tmp")) == 1)
     upload.cancel()
     with pytest.raises(asyncio.CancelledError):
         await upload
