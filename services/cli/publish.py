@@ -120,10 +120,17 @@ def _hash_file(path: Path) -> tuple[str, int, bytes]:
 
 
 async def _file_chunks(path: Path, advance: Callable[[int], None]) -> AsyncGenerator[bytes, None]:
+    """The file in chunks, the next one read by a worker thread while this one is sent (two in memory)."""
     with path.open("rb") as f:
-        while chunk := await asyncio.to_thread(f.read, CHUNK):
-            advance(len(chunk))
-            yield chunk
+        ahead = asyncio.ensure_future(asyncio.to_thread(f.read, CHUNK))
+        try:
+            while chunk := await ahead:
+                ahead = asyncio.ensure_future(asyncio.to_thread(f.read, CHUNK))
+                advance(len(chunk))
+                yield chunk
+        finally:
+            if not ahead.done():
+                await asyncio.wait([ahead])  # the file is closed only once no thread reads it
 
 
 def _problem_text(status: int, body: Any) -> str:
