@@ -38,6 +38,7 @@ from services.policy.model import READ_ITEM, ItemAttributes
 from services.policy.pack import load_pack
 from services.policy.version import sign, trusted_keys
 from services.publisher import state
+from services.publisher.committer import GroupCommitter
 from services.publisher.core import parse_metadata
 from services.publisher.courier import OutboxSettings
 from services.publisher.outbox import Outbox
@@ -82,7 +83,7 @@ async def _publisher_setup(ctx: Context) -> None:
     registry.apply(issue(codec, anchor, public_key=signer.public, organisation="bench",
                          not_before=datetime.now(UTC) - timedelta(days=1)))  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="evhub-bench-"))
-    committer = state.GroupCommitter(state.connect(work / "publisher.sqlite3"))
+    committer = GroupCommitter(state.connect(work / "publisher.sqlite3"))
     outbox = Outbox(key=signer.public, codec=codec, committer=committer,
                     topics=[evidence_topic(j) for j in jurisdictions],
                     settings=OutboxSettings(bootstrap=ctx.bootstrap))  # fmt: skip

@@ -36,6 +36,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from services.publisher import reconcile, state
+from services.publisher.committer import GroupCommitter
 from services.publisher.ledger import TopicLedger
 from services.shared.avro import AvroCodec
 from services.shared.errors import EvidenceHubError, KafkaUnavailable, StateRefused, StoreUnavailable, UntrustedKey
@@ -83,7 +84,7 @@ class _Refused(Exception):
 class TopicCourier:
     """One (key, topic): its fence, what the key signed there, and rounds of delivery (see the module docstring)."""
 
-    def __init__(self, *, topic: str, key: PublicKey, codec: AvroCodec, committer: state.GroupCommitter,
+    def __init__(self, *, topic: str, key: PublicKey, codec: AvroCodec, committer: GroupCommitter,
                  settings: OutboxSettings, acked: Callable[[state.OutboxRow, int, int], None],
                  fatal: Callable[[EvidenceHubError], None]) -> None:  # fmt: skip
         self.topic = topic

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from services.publisher import core, state
+from services.publisher.committer import GroupCommitter
 from services.publisher.outbox import Delivery
 from services.shared.avro import AvroCodec
 from services.shared.envelope import MAX_ENVELOPE_BYTES, seal
@@ -126,7 +127,7 @@ class EvidencePublisher:
     codec: AvroCodec
     signer: SigningKey
     outbox: Deliverer
-    committer: state.GroupCommitter
+    committer: GroupCommitter
     organisation: str
     jurisdictions: Sequence[str]
     registry: KeyRegistry | None = None
@@ -294,7 +295,7 @@ class EvidencePublisher:
                case_id: str, disclosures: list[str]) -> list[state.OutboxRow]:  # fmt: skip
         """Sign one envelope per jurisdiction with the next sequence number of its topic and write them to the
         outbox. Everything that can refuse (Kafka's record of the key, the size limit) is checked before the first
-        write: the group committer runs units without savepoints (``state.GroupCommitter``)."""
+        write: the group committer runs units without savepoints (``GroupCommitter``)."""
         key_id = self.signer.key_id
         topics = {jurisdiction: evidence_topic(jurisdiction) for jurisdiction in records}
         last = state.counters(conn, key_id, list(topics.values()))

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.publisher import reconcile, state
+from services.publisher.committer import GroupCommitter
 from services.publisher.courier import OutboxSettings, take_fence
 from services.publisher.datadir import DataDir
 from services.publisher.ledger import Found, claimed
@@ -89,7 +90,7 @@ async def recover(settings: PublisherSettings, *, progress: Callable[[str], None
     try:
         if datadir.state.is_file():
             await asyncio.to_thread(state.check, datadir.state)
-        committer = state.GroupCommitter(state.connect(datadir.state), timeout=settings.store_timeout_s)
+        committer = GroupCommitter(state.connect(datadir.state), timeout=settings.store_timeout_s)
         fences = []
         try:
             outbox_settings = OutboxSettings(
@@ -113,7 +114,7 @@ async def recover(settings: PublisherSettings, *, progress: Callable[[str], None
         datadir.unlock()
 
 
-async def _recover_topic(topic: str, codec: AvroCodec, key: PublicKey, committer: state.GroupCommitter,
+async def _recover_topic(topic: str, codec: AvroCodec, key: PublicKey, committer: GroupCommitter,
                          bootstrap: Kafka, progress: Callable[[str], None]) -> TopicReport:  # fmt: skip
     report = TopicReport(topic)
     report.counter_before = await committer.run(lambda conn: state.counter(conn, key.key_id, topic))

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from services.publisher import state
+from services.publisher.committer import GROUP_BUDGET_S, GroupCommitter
 
 
 class Refused(Exception):
@@ -37,7 +38,7 @@ def _refuse(conn: sqlite3.Connection) -> None:
 
 
 async def test_a_unit_that_raises_after_writing_leaves_nothing_and_its_group_is_kept(tmp_path: Path) -> None:
-    committer = state.GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
     futures: list[asyncio.Future[Any]] = [
         committer.submit(_bump("a")), committer.submit(_bump_then_refuse), committer.submit(_bump("b"))
     ]  # fmt: skip
@@ -52,7 +53,7 @@ async def test_a_unit_that_raises_after_writing_leaves_nothing_and_its_group_is_
 
 
 async def test_a_unit_that_raises_before_writing_fails_alone(tmp_path: Path) -> None:
-    committer = state.GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
     futures: list[asyncio.Future[Any]] = [
         committer.submit(_bump("a")), committer.submit(_refuse), committer.submit(_bump("a"))
     ]  # fmt: skip
@@ -66,7 +67,7 @@ async def test_a_unit_that_raises_before_writing_fails_alone(tmp_path: Path) -> 
 
 
 async def test_staging_refuses_a_sequence_number_signed_twice(tmp_path: Path) -> None:
-    committer = state.GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
     row = state.OutboxRow("e1", "DE", "evidence.DE", b"c", "k", 1, b"envelope", None, None)
     await committer.run(lambda conn: state.stage(conn, [row]))
     again = state.OutboxRow("e2", "DE", "evidence.DE", b"c", "k", 1, b"other", None, None)
@@ -78,11 +79,11 @@ async def test_staging_refuses_a_sequence_number_signed_twice(tmp_path: Path) ->
 
 
 async def test_a_long_group_is_cut_and_the_event_loop_runs_between_its_parts(tmp_path: Path) -> None:
-    committer = state.GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
     turns: list[int] = []
 
     def slow(conn: sqlite3.Connection) -> int:
-        time.sleep(state.GROUP_BUDGET_S / 3)  # CPU-bound work standing in for signing
+        time.sleep(GROUP_BUDGET_S / 3)  # CPU-bound work standing in for signing
         turns.append(ticks)
         return state.next_sequence(conn, "k", "a")
 
