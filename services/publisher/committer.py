@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
+from services.shared import wakeups
 from services.shared.errors import StoreUnavailable
 
 T = TypeVar("T")
@@ -303,3 +304,73 @@ def _log_failure(future: asyncio.Future[Any]) -> None:
 
 def _locked(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
+
+
+P = TypeVar("P")
+R = TypeVar("R")
+#: How many requests one batch unit takes at most: bounds how long the units queued behind it (acknowledgement
+#: marks, reads) wait.
+MAX_BATCH: Final = 256
+
+
+class Batcher(Generic[P, R]):
+    """Many callers' requests served by one unit of work: ``process(conn, requests)`` returns one outcome per
+    request (a value, or the exception for that request alone), so a unit's few statements serve a whole batch.
+
+    The unit takes its requests when it *starts*, on the committer's thread: everything submitted while the
+    previous batch was being signed and committed goes into the next one. A request whose caller has gone before
+    its batch started is not processed. If the unit fails as a whole (its commit, or an exception after it wrote),
+    every request of the batch gets that error.
+    """
+
+    def __init__(self, committer: GroupCommitter,
+                 process: Callable[[sqlite3.Connection, list[P]], list[R | Exception]]) -> None:  # fmt: skip
+        self._committer = committer
+        self._process = process
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[tuple[P, asyncio.Future[R]]] = collections.deque()
+        self._queued = False  # a unit is queued that has not taken its requests yet
+        self._drivers: set[asyncio.Task[None]] = set()
+
+    async def submit(self, request: P) -> R:
+        """Raises: whatever ``process`` gave for this request; StoreUnavailable (see GroupCommitter.run)."""
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._waiting.append((request, future))
+            start, self._queued = not self._queued, True
+        if start:
+            self._drive()
+        return await future
+
+    def _drive(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._unit())
+        self._drivers.add(task)
+        task.add_done_callback(self._drivers.discard)
+
+    async def _unit(self) -> None:
+        taken: list[tuple[P, asyncio.Future[R]]] = []
+        loop = asyncio.get_running_loop()
+
+        def unit(conn: sqlite3.Connection) -> list[R | Exception]:
+            with self._lock:
+                while self._waiting and len(taken) < MAX_BATCH:
+                    request, future = self._waiting.popleft()
+                    if not future.done():
+                        taken.append((request, future))
+                if self._waiting:  # more than one batch's worth: the rest go in the next unit, queued now
+                    loop.call_soon_threadsafe(self._drive)
+                else:
+                    self._queued = False
+            return self._process(conn, [request for request, _ in taken]) if taken else []
+
+        try:
+            outcomes = await self._committer.run(unit)
+        except Exception as exc:
+            if not taken:  # the unit never started (the state stayed locked): nothing waiting will be taken by it
+                with self._lock:
+                    taken, self._waiting, self._queued = list(self._waiting), collections.deque(), False
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        await wakeups.answer([(future, outcome) for (_, future), outcome in zip(taken, outcomes, strict=True)])

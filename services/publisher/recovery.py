@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from services.publisher import reconcile, state
+from services.publisher import decide, reconcile, state
 from services.publisher.committer import GroupCommitter
 from services.publisher.courier import OutboxSettings, take_fence
 from services.publisher.datadir import DataDir
@@ -259,7 +259,7 @@ def _apply_event(conn: sqlite3.Connection, event: dict[str, Any]) -> None:
         conn.execute(
             "INSERT OR IGNORE INTO requests (idempotency_key, fingerprint, operation, event_id, item_id, version, "
             "created_at) VALUES (?, ?, 'publish', ?, ?, 1, ?)",
-            (f"publish:{item_id}:{content['sha256']}", state.recovered(content["sha256"]), event_id, item_id,
+            (f"publish:{item_id}:{content['sha256']}", decide.recovered(content["sha256"]), event_id, item_id,
              _iso(event["published_at"])),
         )  # fmt: skip
 

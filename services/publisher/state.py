@@ -19,10 +19,11 @@ import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from services.publisher import decide
 from services.shared.errors import StateRefused, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -204,15 +205,6 @@ def advance_checked(conn: sqlite3.Connection, topic: str, offsets: Mapping[int, 
     )
 
 
-def recovered(sha256: str | None) -> str:
-    """The fingerprint ``recover`` gives a request rebuilt from its event (the request itself is not in Kafka)."""
-    return f"recovered:{sha256 or ''}"
-
-
-def is_recovered(fingerprint: str) -> bool:
-    return fingerprint.startswith("recovered:")
-
-
 def request(conn: sqlite3.Connection, key: str) -> sqlite3.Row | None:
     row: sqlite3.Row | None = conn.execute("SELECT * FROM requests WHERE idempotency_key = ?", (key,)).fetchone()
     return row
@@ -228,6 +220,57 @@ def original_publication(conn: sqlite3.Connection, item_id: str) -> sqlite3.Row 
 def item(conn: sqlite3.Connection, item_id: str) -> sqlite3.Row | None:
     row: sqlite3.Row | None = conn.execute("SELECT * FROM items WHERE item_id = ?", (item_id,)).fetchone()
     return row
+
+
+def requests_by_key(conn: sqlite3.Connection, keys: Iterable[str]) -> dict[str, decide.StoredRequest]:
+    """The stored requests under these idempotency keys (those that exist)."""
+    return {r["idempotency_key"]: decide.StoredRequest.of(r)
+            for r in _where_in(conn, "SELECT * FROM requests WHERE idempotency_key", keys)}  # fmt: skip
+
+
+def items_by_id(conn: sqlite3.Connection, item_ids: Iterable[str]) -> dict[str, decide.StoredItem]:
+    return {
+        r["item_id"]: decide.StoredItem.of(r) for r in _where_in(conn, "SELECT * FROM items WHERE item_id", item_ids)
+    }
+
+
+def originals(conn: sqlite3.Connection, item_ids: Iterable[str]) -> dict[str, decide.StoredRequest]:
+    """Per item: the request that first published it."""
+    rows = _where_in(conn, "SELECT * FROM requests WHERE operation = 'publish' AND item_id", item_ids)
+    return {r["item_id"]: decide.StoredRequest.of(r) for r in rows}
+
+
+def _where_in(conn: sqlite3.Connection, select: str, values: Iterable[str]) -> list[sqlite3.Row]:
+    """``select`` + `` IN (...)`` over ``values``, 500 at a time (SQLite's bound on variables)."""
+    wanted = sorted(set(values))
+    out: list[sqlite3.Row] = []
+    for i in range(0, len(wanted), 500):
+        chunk = wanted[i : i + 500]
+        out += conn.execute(f"{select} IN ({', '.join('?' for _ in chunk)})", chunk).fetchall()
+    return out
+
+
+@dataclass
+class VersionWrites:
+    """The rows a batch of publications adds, written with one statement per table (:func:`write_versions`)."""
+
+    requests: list[tuple[str, str, str, str, str, int, str]] = field(default_factory=list)
+    items: list[tuple[str, int, str, str, str]] = field(default_factory=list)
+    versions: list[tuple[str, int, str, str, str, int, str]] = field(default_factory=list)
+    outbox: list[OutboxRow] = field(default_factory=list)
+
+
+def write_versions(conn: sqlite3.Connection, writes: VersionWrites) -> None:
+    """Write a batch's rows: its signed envelopes first (``stage``: the counters, and the outbox's unique index
+    refusing a sequence number signed twice), then requests, versions and items — in order, so where two requests of
+    one batch changed one item, the later row is the one kept."""
+    if writes.outbox:
+        stage(conn, writes.outbox)
+    conn.executemany("INSERT INTO requests (idempotency_key, fingerprint, operation, event_id, item_id, version, "
+                     "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", writes.requests)  # fmt: skip
+    conn.executemany("INSERT INTO versions (item_id, version, event_id, sha256, media_type, size, published_at) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)", writes.versions)  # fmt: skip
+    conn.executemany("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, NULL, NULL)", writes.items)
 
 
 def content_referenced(conn: sqlite3.Connection, sha256: str) -> bool:
