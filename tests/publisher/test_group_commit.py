@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from services.publisher import state
 from services.publisher.committer import GROUP_BUDGET_S, GroupCommitter
+from services.shared import wakeups
 
 
 class Refused(Exception):
@@ -97,3 +99,48 @@ async def test_a_long_group_is_cut_and_the_event_loop_runs_between_its_parts(tmp
     assert committer.groups >= 3
     assert len(set(turns)) >= 3, "other work ran between the groups"
     committer.close()
+
+
+async def test_the_event_loop_keeps_running_while_a_unit_signs(tmp_path: Path) -> None:
+    """Units run on the committer's own thread: a long, CPU-bound unit (signing a batch) does not hold the loop."""
+    committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    ticks_during: list[int] = []
+    ticks = 0
+    done = threading.Event()
+
+    def busy(conn: sqlite3.Connection) -> int:
+        start = ticks
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:  # pure Python work, holding the GIL whenever it can
+            sum(range(1000))
+        ticks_during.append(ticks - start)
+        done.set()
+        return state.next_sequence(conn, "k", "a")
+
+    future = committer.submit(busy)
+    while not done.is_set():
+        ticks += 1
+        await asyncio.sleep(0.001)
+    assert await future == 1
+    assert ticks_during[0] > 0, "the loop ran timers while the unit was busy"
+    committer.close()
+
+
+async def test_many_waiting_callers_are_answered_a_slice_per_turn_and_none_is_lost_on_cancel() -> None:
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in range(10 * wakeups.SLICE)]
+    turns = 0
+    answering = asyncio.ensure_future(wakeups.answer([(f, i) for i, f in enumerate(futures)]))
+    while not answering.done():
+        await asyncio.sleep(0)
+        turns += 1
+        assert sum(f.done() for f in futures) <= (turns + 1) * wakeups.SLICE, "at most a slice per turn"
+    assert [f.result() for f in futures] == list(range(10 * wakeups.SLICE))
+
+    futures = [loop.create_future() for _ in range(10 * wakeups.SLICE)]
+    answering = asyncio.ensure_future(wakeups.answer([(f, ValueError(i)) for i, f in enumerate(futures)]))
+    await asyncio.sleep(0)
+    answering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await answering
+    assert all(isinstance(f.exception(), ValueError) for f in futures), "the rest were answered at the cancel"
