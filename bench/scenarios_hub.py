@@ -39,7 +39,7 @@ from services.policy.pack import load_pack
 from services.policy.version import sign, trusted_keys
 from services.publisher import state
 from services.publisher.committer import GroupCommitter
-from services.publisher.core import parse_metadata
+from services.publisher.core import build_events, parse_metadata
 from services.publisher.courier import OutboxSettings
 from services.publisher.outbox import Outbox
 from services.publisher.pipeline import ContentInfo, EvidencePublisher
@@ -47,9 +47,11 @@ from services.publisher.service import create_app
 from services.publisher.settings import PublisherSettings
 from services.shared.avro import AvroCodec
 from services.shared.content import LocalContentStore
+from services.shared.envelope import open_envelope, seal
 from services.shared.kafka import ensure_topics, evidence_topic
 from services.shared.keys import SigningKey
 from services.shared.registry import KeyRegistry, issue
+from services.shared.sequences import SequenceTracker
 from services.shared.tls import client_context, create_dev_pki, server_context
 
 IN_FLIGHT: Final = 512
@@ -170,6 +172,78 @@ async def _publish_library(ctx: Context) -> int:
     records = sum(k for _, k in requests)
     _shape(ctx, len(requests), records, before)
     return records
+
+
+async def _verify_setup(ctx: Context) -> None:
+    """One topic holding ``events`` signed evidence envelopes (the sample events, ~1,080 B), one sequence number
+    each, and a registry trusting their key. Sealed and written before anything is timed."""
+    from confluent_kafka import Producer
+
+    codec, anchor, signer = AvroCodec.load(), SigningKey.generate(), SigningKey.generate()
+    registry = KeyRegistry(codec, anchors=[anchor.public])
+    registry.apply(issue(codec, anchor, public_key=signer.public, organisation="bench",
+                         not_before=datetime.now(UTC) - timedelta(days=1)))  # fmt: skip
+    jurisdiction = f"BV-{uuid.uuid4().hex[:6].upper()}"
+    topic = evidence_topic(jurisdiction)  # an envelope names its jurisdiction, and verifies only on its topic
+    await ensure_topics(ctx.bootstrap, [ctx.topic_spec(topic, 3)], replication_factor=ctx.replication_factor)
+    meta = parse_metadata(sample_metadata("BENCH-VERIFY", [jurisdiction], 1))
+    now = datetime.now(UTC)
+    producer = Producer({"bootstrap.servers": ctx.bootstrap, "acks": "all", "enable.idempotence": True,
+                         "linger.ms": 5, "queue.buffering.max.kbytes": 65536})  # fmt: skip
+    size = 0
+    for n in range(ctx.events):
+        events, disclosures = build_events(
+            meta, event_id=str(uuid.uuid4()), version=1, replaces_event_id=None, organisation="bench",
+            key_id=signer.key_id, content=[{"media_type": "image/jpeg", "size": 48_213, "sha256": "0" * 64,
+                                            "file_name": "photo.jpg"}],
+            published_at=now, salts=[bytes(16), bytes(16)],
+        )  # fmt: skip
+        envelope = seal(codec, schema="evidence_event", record=events[jurisdiction], topic=topic, signer=signer,
+                        sequence=n + 1, disclosures=disclosures)  # fmt: skip
+        producer.produce(topic, envelope, key=f"CASE-{n % 64}".encode())
+        producer.poll(0)
+        size += len(envelope)
+    if producer.flush(60) != 0:
+        raise RuntimeError("pre-producing the envelopes did not finish")
+    ctx.state.update(topic=topic, codec=codec, registry=registry)
+    ctx.record_size = round(size / max(1, ctx.events))
+
+
+async def _verify_teardown(ctx: Context) -> None:
+    await _delete_topics(ctx, [ctx.state["topic"]])
+
+
+@scenario(name="hub-verify", unit="records/s", baseline="aiokafka-consume", events=50_000, quick_events=500,
+          setup=_verify_setup, teardown=_verify_teardown)  # fmt: skip
+async def hub_verify(ctx: Context) -> int:
+    """What an office's client or the gateway does with each record: read it (read_committed, as
+    ``aiokafka-consume``), verify the envelope (Avro, Ed25519 over PAE, the key trusted for that sequence number
+    and time, every disclosure against its signed digest) and check its sequence number (no replay, no gap)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    topic, codec, registry = ctx.state["topic"], ctx.state["codec"], ctx.state["registry"]
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=ctx.bootstrap, group_id=None, client_id="bench-hub-verify", enable_auto_commit=False,
+        isolation_level="read_committed", auto_offset_reset="earliest",
+    )  # fmt: skip
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(3)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        tracker = SequenceTracker()
+        seen = 0
+        with ctx.timed():
+            async with asyncio.timeout(120):
+                while seen < ctx.events:
+                    for records in (await consumer.getmany(timeout_ms=1_000)).values():
+                        for record in records:
+                            verified = open_envelope(codec, record.value, topic=topic, keys=registry)
+                            tracker.observe(verified.key_id, topic, verified.sequence, record.value)
+                            seen += 1
+    finally:
+        await consumer.stop()
+    return seen
 
 
 async def _http_setup(ctx: Context) -> None:
