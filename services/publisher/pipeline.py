@@ -1,9 +1,11 @@
 """The publishing pipeline (the "library path"): request → signed envelopes in the outbox → Kafka, exactly once
 per request.
 
-Owns: idempotency (the same ``Idempotency-Key`` — or, without one, the same item id and content digest — returns
-the original result and never creates a second event), versioning (corrections and withdrawals), per-(key, topic)
-sequence numbers, and per-jurisdiction results. A publication whose delivery failed for some jurisdictions reports
+Owns: orchestrating a request — drawing its time and randomness, deciding it (the rules are ``decide``'s, fed the
+stored facts), signing, recording and delivering it — so that the same ``Idempotency-Key`` (or, without one, the
+same item id and content digest) returns the original result and never creates a second event; per-(key, topic)
+sequence numbers; per-jurisdiction results. Publications and corrections are decided and signed in batches, one
+unit of work per batch on the group committer's thread (:meth:`EvidencePublisher._publish_batch`). A publication whose delivery failed for some jurisdictions reports
 exactly which (:class:`PartialDelivery`); repeating the request, or the outbox relay, delivers the rest from the
 same stored envelopes — never re-signed, never duplicated as a new event.
 
