@@ -158,6 +158,10 @@ class Context:
             if self._lag is not None:
                 self._lag.stop()
 
+    def add_cpu(self, seconds: float) -> None:
+        """Count CPU time another process spent on this call's operations (a scenario's helper process)."""
+        self._cpu = (self._cpu or 0.0) + seconds
+
     def lag(self) -> tuple[float, float, float, float] | None:
         """(p99, max, own-CPU p99, own-CPU max) loop lag of the current call in seconds (:class:`LagProbe`), or
         None if not measured."""

@@ -18,9 +18,11 @@ library scenario's evidence files are not stored: the content store is not on th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import ssl
+import sys
 import tempfile
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -77,7 +79,7 @@ def sample_metadata(item: str, jurisdictions: list[str], n: int) -> dict[str, An
 async def _publisher_setup(ctx: Context) -> None:
     """Keys, registry, three fresh jurisdiction topics, SQLite state and started couriers, kept in ``ctx.state``."""
     tag = uuid.uuid4().hex[:6].upper()
-    jurisdictions = [f"B{c}-{tag}" for c in "ABC"]
+    jurisdictions = ctx.state.get("jurisdictions") or [f"B{c}-{tag}" for c in "ABC"]
     await ensure_topics(ctx.bootstrap, [ctx.topic_spec(evidence_topic(j), 3) for j in jurisdictions],
                         replication_factor=ctx.replication_factor)  # fmt: skip
     codec, anchor, signer = AvroCodec.load(), SigningKey.generate(), SigningKey.generate()
@@ -117,11 +119,11 @@ async def _delete_topics(ctx: Context, topics: list[str]) -> None:
 def _next_requests(ctx: Context) -> list[tuple[bytes, int]]:
     """This call's request bodies (JSON, as a client sends them) and how many records each makes (1-3)."""
     ctx.state["round"] += 1
-    r, names = ctx.state["round"], ctx.state["jurisdictions"]
+    r, names, prefix = ctx.state["round"], ctx.state["jurisdictions"], ctx.state.get("prefix", "BENCH")
     bodies = []
     for i in range(ctx.events):
         targets = spread(i, names)
-        bodies.append((json.dumps(sample_metadata(f"BENCH-{r}-{i}", targets, i)).encode(), len(targets)))
+        bodies.append((json.dumps(sample_metadata(f"{prefix}-{r}-{i}", targets, i)).encode(), len(targets)))
     return bodies
 
 
@@ -154,7 +156,7 @@ async def hub_publish_library_rf3(ctx: Context) -> int:
     return await _publish_library(ctx)
 
 
-async def _publish_library(ctx: Context) -> int:
+async def _publish_library(ctx: Context, *, timed: bool = True) -> int:
     publisher: EvidencePublisher = ctx.state["publisher"]
     requests = _next_requests(ctx)
     window = asyncio.Semaphore(IN_FLIGHT)
@@ -167,7 +169,7 @@ async def _publish_library(ctx: Context) -> int:
             await publisher.publish(meta, ContentInfo(sha256=sha, size=48_213 + n, media_type="image/jpeg",
                                                       file_name="photo.jpg"))  # fmt: skip
 
-    with ctx.timed():
+    with ctx.timed() if timed else contextlib.nullcontext():
         await asyncio.gather(*(one(body, n) for n, (body, _) in enumerate(requests)))
     records = sum(k for _, k in requests)
     _shape(ctx, len(requests), records, before)
@@ -244,6 +246,61 @@ async def hub_verify(ctx: Context) -> int:
     finally:
         await consumer.stop()
     return seen
+
+
+async def _two_process_setup(ctx: Context) -> None:
+    """This process's publisher, and a second process (``bench.publish_worker``) with a key of its own publishing
+    to the same three topics from a state of its own: sequence numbers are per (key, topic), so the two never
+    share a counter, and each key's Kafka fence is its own."""
+    await _publisher_setup(ctx)
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.publish_worker", ctx.bootstrap, *ctx.state["jurisdictions"],
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert worker.stdout is not None
+    async with asyncio.timeout(120):
+        ready = await worker.stdout.readline()
+    if ready.strip() != b"ready":
+        raise RuntimeError(f"the second publisher process did not start: {ready!r}")
+    ctx.state["worker"] = worker
+
+
+async def _two_process_teardown(ctx: Context) -> None:
+    worker: asyncio.subprocess.Process = ctx.state["worker"]
+    assert worker.stdin is not None
+    worker.stdin.close()
+    try:
+        async with asyncio.timeout(30):
+            await worker.wait()
+    except TimeoutError:
+        worker.kill()
+        await worker.wait()
+    await _publisher_teardown(ctx)
+
+
+@scenario(name="hub-publish-library-2proc", unit="records/s", baseline="hub-publish-library", events=10_000,
+          quick_events=500, setup=_two_process_setup, teardown=_two_process_teardown, loop_lag=True)  # fmt: skip
+async def hub_publish_library_2proc(ctx: Context) -> int:
+    """The library path in two publisher processes at once, each with its own key and state, half the events
+    each: what a second process adds on this machine (records/s of both together; CPU per record of both)."""
+    worker: asyncio.subprocess.Process = ctx.state["worker"]
+    assert worker.stdin is not None
+    assert worker.stdout is not None
+    half = ctx.events // 2
+    with ctx.timed():
+        worker.stdin.write(f"{half}\n".encode())
+        await worker.stdin.drain()
+        ctx.events, events = half, ctx.events
+        try:
+            mine = await _publish_library(ctx, timed=False)
+        finally:
+            ctx.events = events
+        async with asyncio.timeout(600):
+            line = (await worker.stdout.readline()).split()
+    theirs, cpu = int(line[0]), float(line[1])
+    ctx.add_cpu(cpu)
+    ctx.shape = f"{ctx.events:,} events, {mine + theirs:,} records x {ctx.record_size:,} B"
+    return mine + theirs
 
 
 async def _http_setup(ctx: Context) -> None:
