@@ -5,9 +5,10 @@ Owns: orchestrating a request — drawing its time and randomness, deciding it (
 stored facts), signing, recording and delivering it — so that the same ``Idempotency-Key`` (or, without one, the
 same item id and content digest) returns the original result and never creates a second event; per-(key, topic)
 sequence numbers; per-jurisdiction results. Publications and corrections are decided and signed in batches, one
-unit of work per batch on the group committer's thread (:meth:`EvidencePublisher._publish_batch`). A publication whose delivery failed for some jurisdictions reports
-exactly which (:class:`PartialDelivery`); repeating the request, or the outbox relay, delivers the rest from the
-same stored envelopes — never re-signed, never duplicated as a new event.
+unit of work per batch on the group committer's thread (:meth:`EvidencePublisher._publish_batch`). A publication
+whose delivery failed for some jurisdictions reports exactly which (:class:`PartialDelivery`); repeating the
+request, or the outbox relay, delivers the rest from the same stored envelopes — never re-signed, never duplicated
+as a new event.
 
 Does not own: getting envelopes into Kafka (a :class:`Deliverer`, ``outbox.Outbox`` in the service), which also
 says whether a sequence number may be signed on a topic at all — it may not until what the key already signed
