@@ -33,7 +33,7 @@ import aiohttp
 from aiohttp import web
 
 from bench.harness import Context, scenario
-from bench.scenarios_kafka import spread
+from bench.scenarios_kafka import reader, spread
 from services.cli.samples import png
 from services.policy.engine import PolicyEngine, PolicyStore
 from services.policy.model import READ_ITEM, ItemAttributes
@@ -221,18 +221,8 @@ async def hub_verify(ctx: Context) -> int:
     """What an office's client or the gateway does with each record: read it (read_committed, as
     ``aiokafka-consume``), verify the envelope (Avro, Ed25519 over PAE, the key trusted for that sequence number
     and time, every disclosure against its signed digest) and check its sequence number (no replay, no gap)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
     topic, codec, registry = ctx.state["topic"], ctx.state["codec"], ctx.state["registry"]
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=ctx.bootstrap, group_id=None, client_id="bench-hub-verify", enable_auto_commit=False,
-        isolation_level="read_committed", auto_offset_reset="earliest",
-    )  # fmt: skip
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(3)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+    async with reader(ctx.bootstrap, topic, client_id="bench-hub-verify") as consumer:
         tracker = SequenceTracker()
         seen = 0
         with ctx.timed():
@@ -243,8 +233,6 @@ async def hub_verify(ctx: Context) -> int:
                             verified = open_envelope(codec, record.value, topic=topic, keys=registry)
                             tracker.observe(verified.key_id, topic, verified.sequence, record.value)
                             seen += 1
-    finally:
-        await consumer.stop()
     return seen
 
 
