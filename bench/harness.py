@@ -159,6 +159,10 @@ class Context:
             if self._lag is not None:
                 self._lag.stop()
 
+    def add_cpu(self, seconds: float) -> None:
+        """Count CPU time another process spent on this call's operations (a scenario's helper process)."""
+        self._cpu = (self._cpu or 0.0) + seconds
+
     def lag(self) -> tuple[float, float, float, float] | None:
         """(p99, max, own-CPU p99, own-CPU max) loop lag of the current call in seconds (:class:`LagProbe`), or
         None if not measured."""
@@ -191,10 +195,10 @@ class LagProbe:
 
     A callback or task step that keeps the loop busy for 30 ms shows as a sample of ~30 ms: every other connection
     of the process waited that long. On a shared machine the kernel's scheduling adds to it: a process waiting for
-    a core is late too. So each sample also has an *own-CPU* part: the lateness, capped at the CPU time this
-    process used between arming the timer and running it — lateness while descheduled does not count, work done
-    during the period itself (up to 5 ms) may. Under heavy load that part says what the code stalls, the other
-    what a client would see."""
+    a core is late too. So each sample also has an *own-CPU* part: the lateness, capped at the CPU time the loop's
+    thread used between arming the timer and running it — lateness while descheduled, or while another thread of
+    the process held the interpreter lock, does not count; work done during the period itself (up to 5 ms) may.
+    Under heavy load that part says what the loop's own code stalls, the other what a client would see."""
 
     def __init__(self) -> None:
         self.samples: list[float] = []
@@ -213,11 +217,11 @@ class LagProbe:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            due, cpu = loop.time() + LAG_PERIOD_S, time.process_time()
+            due, cpu = loop.time() + LAG_PERIOD_S, time.thread_time()
             await asyncio.sleep(LAG_PERIOD_S)
             late = max(0.0, loop.time() - due)
             self.samples.append(late)
-            self.own_cpu.append(min(late, time.process_time() - cpu))
+            self.own_cpu.append(min(late, time.thread_time() - cpu))
 
 
 def _all_led(described: list[dict[str, Any]], partitions: int) -> bool:

@@ -18,9 +18,11 @@ library scenario's evidence files are not stored: the content store is not on th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import ssl
+import sys
 import tempfile
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -31,14 +33,15 @@ import aiohttp
 from aiohttp import web
 
 from bench.harness import Context, scenario
-from bench.scenarios_kafka import spread
+from bench.scenarios_kafka import reader, spread
 from services.cli.samples import png
 from services.policy.engine import PolicyEngine, PolicyStore
 from services.policy.model import READ_ITEM, ItemAttributes
 from services.policy.pack import load_pack
 from services.policy.version import sign, trusted_keys
 from services.publisher import state
-from services.publisher.core import parse_metadata
+from services.publisher.committer import GroupCommitter
+from services.publisher.core import build_events, parse_metadata
 from services.publisher.courier import OutboxSettings
 from services.publisher.outbox import Outbox
 from services.publisher.pipeline import ContentInfo, EvidencePublisher
@@ -46,9 +49,11 @@ from services.publisher.service import create_app
 from services.publisher.settings import PublisherSettings
 from services.shared.avro import AvroCodec
 from services.shared.content import LocalContentStore
+from services.shared.envelope import open_envelope, seal
 from services.shared.kafka import ensure_topics, evidence_topic
 from services.shared.keys import SigningKey
 from services.shared.registry import KeyRegistry, issue
+from services.shared.sequences import SequenceTracker
 from services.shared.tls import client_context, create_dev_pki, server_context
 
 IN_FLIGHT: Final = 512
@@ -74,7 +79,7 @@ def sample_metadata(item: str, jurisdictions: list[str], n: int) -> dict[str, An
 async def _publisher_setup(ctx: Context) -> None:
     """Keys, registry, three fresh jurisdiction topics, SQLite state and started couriers, kept in ``ctx.state``."""
     tag = uuid.uuid4().hex[:6].upper()
-    jurisdictions = [f"B{c}-{tag}" for c in "ABC"]
+    jurisdictions = ctx.state.get("jurisdictions") or [f"B{c}-{tag}" for c in "ABC"]
     await ensure_topics(ctx.bootstrap, [ctx.topic_spec(evidence_topic(j), 3) for j in jurisdictions],
                         replication_factor=ctx.replication_factor)  # fmt: skip
     codec, anchor, signer = AvroCodec.load(), SigningKey.generate(), SigningKey.generate()
@@ -82,7 +87,7 @@ async def _publisher_setup(ctx: Context) -> None:
     registry.apply(issue(codec, anchor, public_key=signer.public, organisation="bench",
                          not_before=datetime.now(UTC) - timedelta(days=1)))  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="evhub-bench-"))
-    committer = state.GroupCommitter(state.connect(work / "publisher.sqlite3"))
+    committer = GroupCommitter(state.connect(work / "publisher.sqlite3"))
     outbox = Outbox(key=signer.public, codec=codec, committer=committer,
                     topics=[evidence_topic(j) for j in jurisdictions],
                     settings=OutboxSettings(bootstrap=ctx.bootstrap))  # fmt: skip
@@ -114,11 +119,11 @@ async def _delete_topics(ctx: Context, topics: list[str]) -> None:
 def _next_requests(ctx: Context) -> list[tuple[bytes, int]]:
     """This call's request bodies (JSON, as a client sends them) and how many records each makes (1-3)."""
     ctx.state["round"] += 1
-    r, names = ctx.state["round"], ctx.state["jurisdictions"]
+    r, names, prefix = ctx.state["round"], ctx.state["jurisdictions"], ctx.state.get("prefix", "BENCH")
     bodies = []
     for i in range(ctx.events):
         targets = spread(i, names)
-        bodies.append((json.dumps(sample_metadata(f"BENCH-{r}-{i}", targets, i)).encode(), len(targets)))
+        bodies.append((json.dumps(sample_metadata(f"{prefix}-{r}-{i}", targets, i)).encode(), len(targets)))
     return bodies
 
 
@@ -151,7 +156,7 @@ async def hub_publish_library_rf3(ctx: Context) -> int:
     return await _publish_library(ctx)
 
 
-async def _publish_library(ctx: Context) -> int:
+async def _publish_library(ctx: Context, *, timed: bool = True) -> int:
     publisher: EvidencePublisher = ctx.state["publisher"]
     requests = _next_requests(ctx)
     window = asyncio.Semaphore(IN_FLIGHT)
@@ -164,11 +169,126 @@ async def _publish_library(ctx: Context) -> int:
             await publisher.publish(meta, ContentInfo(sha256=sha, size=48_213 + n, media_type="image/jpeg",
                                                       file_name="photo.jpg"))  # fmt: skip
 
-    with ctx.timed():
+    with ctx.timed() if timed else contextlib.nullcontext():
         await asyncio.gather(*(one(body, n) for n, (body, _) in enumerate(requests)))
     records = sum(k for _, k in requests)
     _shape(ctx, len(requests), records, before)
     return records
+
+
+async def _verify_setup(ctx: Context) -> None:
+    """One topic holding ``events`` signed evidence envelopes (the sample events, ~1,080 B), one sequence number
+    each, and a registry trusting their key. Sealed and written before anything is timed."""
+    from confluent_kafka import Producer
+
+    codec, anchor, signer = AvroCodec.load(), SigningKey.generate(), SigningKey.generate()
+    registry = KeyRegistry(codec, anchors=[anchor.public])
+    registry.apply(issue(codec, anchor, public_key=signer.public, organisation="bench",
+                         not_before=datetime.now(UTC) - timedelta(days=1)))  # fmt: skip
+    jurisdiction = f"BV-{uuid.uuid4().hex[:6].upper()}"
+    topic = evidence_topic(jurisdiction)  # an envelope names its jurisdiction, and verifies only on its topic
+    await ensure_topics(ctx.bootstrap, [ctx.topic_spec(topic, 3)], replication_factor=ctx.replication_factor)
+    meta = parse_metadata(sample_metadata("BENCH-VERIFY", [jurisdiction], 1))
+    now = datetime.now(UTC)
+    producer = Producer({"bootstrap.servers": ctx.bootstrap, "acks": "all", "enable.idempotence": True,
+                         "linger.ms": 5, "queue.buffering.max.kbytes": 65536})  # fmt: skip
+    size = 0
+    for n in range(ctx.events):
+        events, disclosures = build_events(
+            meta, event_id=str(uuid.uuid4()), version=1, replaces_event_id=None, organisation="bench",
+            key_id=signer.key_id, content=[{"media_type": "image/jpeg", "size": 48_213, "sha256": "0" * 64,
+                                            "file_name": "photo.jpg"}],
+            published_at=now, salts=[bytes(16), bytes(16)],
+        )  # fmt: skip
+        envelope = seal(codec, schema="evidence_event", record=events[jurisdiction], topic=topic, signer=signer,
+                        sequence=n + 1, disclosures=disclosures)  # fmt: skip
+        producer.produce(topic, envelope, key=f"CASE-{n % 64}".encode())
+        producer.poll(0)
+        size += len(envelope)
+    if producer.flush(60) != 0:
+        raise RuntimeError("pre-producing the envelopes did not finish")
+    ctx.state.update(topic=topic, codec=codec, registry=registry)
+    ctx.record_size = round(size / max(1, ctx.events))
+
+
+async def _verify_teardown(ctx: Context) -> None:
+    await _delete_topics(ctx, [ctx.state["topic"]])
+
+
+@scenario(name="hub-verify", unit="records/s", baseline="aiokafka-consume", events=50_000, quick_events=500,
+          setup=_verify_setup, teardown=_verify_teardown)  # fmt: skip
+async def hub_verify(ctx: Context) -> int:
+    """What an office's client or the gateway does with each record: read it (read_committed, as
+    ``aiokafka-consume``), verify the envelope (Avro, Ed25519 over PAE, the key trusted for that sequence number
+    and time, every disclosure against its signed digest) and check its sequence number (no replay, no gap)."""
+    topic, codec, registry = ctx.state["topic"], ctx.state["codec"], ctx.state["registry"]
+    async with reader(ctx.bootstrap, topic, client_id="bench-hub-verify") as consumer:
+        tracker = SequenceTracker()
+        seen = 0
+        with ctx.timed():
+            async with asyncio.timeout(120):
+                while seen < ctx.events:
+                    for records in (await consumer.getmany(timeout_ms=1_000)).values():
+                        for record in records:
+                            verified = open_envelope(codec, record.value, topic=topic, keys=registry)
+                            tracker.observe(verified.key_id, topic, verified.sequence, record.value)
+                            seen += 1
+    return seen
+
+
+async def _two_process_setup(ctx: Context) -> None:
+    """This process's publisher, and a second process (``bench.publish_worker``) with a key of its own publishing
+    to the same three topics from a state of its own: sequence numbers are per (key, topic), so the two never
+    share a counter, and each key's Kafka fence is its own."""
+    await _publisher_setup(ctx)
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.publish_worker", ctx.bootstrap, *ctx.state["jurisdictions"],
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert worker.stdout is not None
+    async with asyncio.timeout(120):
+        ready = await worker.stdout.readline()
+    if ready.strip() != b"ready":
+        raise RuntimeError(f"the second publisher process did not start: {ready!r}")
+    ctx.state["worker"] = worker
+
+
+async def _two_process_teardown(ctx: Context) -> None:
+    worker: asyncio.subprocess.Process = ctx.state["worker"]
+    assert worker.stdin is not None
+    worker.stdin.close()
+    try:
+        async with asyncio.timeout(30):
+            await worker.wait()
+    except TimeoutError:
+        worker.kill()
+        await worker.wait()
+    await _publisher_teardown(ctx)
+
+
+@scenario(name="hub-publish-library-2proc", unit="records/s", baseline="hub-publish-library", events=10_000,
+          quick_events=500, setup=_two_process_setup, teardown=_two_process_teardown, loop_lag=True)  # fmt: skip
+async def hub_publish_library_2proc(ctx: Context) -> int:
+    """The library path in two publisher processes at once, each with its own key and state, half the events
+    each: what a second process adds on this machine (records/s of both together; CPU per record of both)."""
+    worker: asyncio.subprocess.Process = ctx.state["worker"]
+    assert worker.stdin is not None
+    assert worker.stdout is not None
+    half = ctx.events // 2
+    with ctx.timed():
+        worker.stdin.write(f"{half}\n".encode())
+        await worker.stdin.drain()
+        ctx.events, events = half, ctx.events
+        try:
+            mine = await _publish_library(ctx, timed=False)
+        finally:
+            ctx.events = events
+        async with asyncio.timeout(600):
+            line = (await worker.stdout.readline()).split()
+    theirs, cpu = int(line[0]), float(line[1])
+    ctx.add_cpu(cpu)
+    ctx.shape = f"{ctx.events:,} events, {mine + theirs:,} records x {ctx.record_size:,} B"
+    return mine + theirs
 
 
 async def _http_setup(ctx: Context) -> None:

@@ -21,8 +21,9 @@ Does not own: hub scenarios (``bench/scenarios_hub.py``), timing and repeats (``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -163,13 +164,12 @@ async def aiokafka_produce_txn(ctx: Context) -> int:
     return sum(len(k) for k in keys.values())
 
 
-@scenario(name="aiokafka-consume", unit="records/s", events=AIOKAFKA_CONSUME_N, record_size=RECORD_BYTES,
-          setup=_preproduce)  # fmt: skip
-async def aiokafka_consume(ctx: Context) -> int:
-    """aiokafka: read N pre-produced records from the beginning, read_committed."""
-    topic: str = ctx.state["topic"]
+@contextlib.asynccontextmanager
+async def reader(bootstrap: str, topic: str, *, client_id: str = "bench-aiokafka") -> AsyncIterator[AIOKafkaConsumer]:
+    """A raw aiokafka consumer at the start of every partition of ``topic``: read_committed, auto-commit off (the
+    consume baseline, and every scenario measured against it, read through this)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=ctx.bootstrap, group_id=None, client_id="bench-aiokafka", enable_auto_commit=False,
+        bootstrap_servers=bootstrap, group_id=None, client_id=client_id, enable_auto_commit=False,
         isolation_level="read_committed", auto_offset_reset="earliest",
     )  # fmt: skip
     await consumer.start()
@@ -177,6 +177,16 @@ async def aiokafka_consume(ctx: Context) -> int:
         partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+@scenario(name="aiokafka-consume", unit="records/s", events=AIOKAFKA_CONSUME_N, record_size=RECORD_BYTES,
+          setup=_preproduce)  # fmt: skip
+async def aiokafka_consume(ctx: Context) -> int:
+    """aiokafka: read N pre-produced records from the beginning, read_committed."""
+    async with reader(ctx.bootstrap, ctx.state["topic"]) as consumer:
         seen = 0
         with ctx.timed():
             deadline = time.monotonic() + CONSUME_DEADLINE_S
@@ -185,8 +195,6 @@ async def aiokafka_consume(ctx: Context) -> int:
                 seen += sum(len(records) for records in batches.values())
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"read {seen} of {ctx.events} records in {CONSUME_DEADLINE_S:.0f}s")
-    finally:
-        await consumer.stop()
     return seen
 
 

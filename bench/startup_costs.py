@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from services.publisher import reconcile, state
+from services.publisher.committer import GroupCommitter
 from services.shared.avro import AvroCodec
 from services.shared.cluster import akafka_cluster
 from services.shared.envelope import seal
@@ -96,7 +97,7 @@ async def scan(records: int) -> dict[str, float]:
             await producer.start()
             envelopes = [_envelope(codec, signer, topic, n) for n in range(1, 1001)]
             work = Path(tempfile.mkdtemp(prefix="evhub-startup-"))
-            committer = state.GroupCommitter(state.connect(work / "publisher.sqlite3"))
+            committer = GroupCommitter(state.connect(work / "publisher.sqlite3"))
             try:
                 rows = []
                 for n in range(1, records + 1):

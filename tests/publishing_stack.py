@@ -13,6 +13,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.publisher import state
+from services.publisher.committer import GroupCommitter
 from services.publisher.courier import OutboxSettings
 from services.publisher.outbox import Outbox
 from services.publisher.pipeline import EvidencePublisher
@@ -67,7 +68,7 @@ async def stack(kafka: KafkaTarget, tmp_path: Path, codec: AvroCodec) -> AsyncIt
     await ensure_topics(kafka.bootstrap, [s for s in hub_topics(jurisdictions) if s.name.startswith("evidence.")])
     anchor, signer = SigningKey.generate(), SigningKey.generate()
     registry = trusted_registry(codec, anchor, signer)
-    committer = state.GroupCommitter(state.connect(tmp_path / "publisher.sqlite3"))
+    committer = GroupCommitter(state.connect(tmp_path / "publisher.sqlite3"))
     outbox = Outbox(key=signer.public, codec=codec, committer=committer,
                     topics=[evidence_topic(j) for j in jurisdictions],
                     settings=quick_outbox(kafka.bootstrap))  # fmt: skip

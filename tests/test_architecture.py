@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PURE = [
     "services/publisher/core.py",
+    "services/publisher/decide.py",
     "services/publisher/ledger.py",
     "services/shared/keys.py",
     "services/shared/disclosure.py",

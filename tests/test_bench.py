@@ -69,6 +69,11 @@ def test_quick_run_measures_every_scenario_against_its_baseline(kafka: KafkaTarg
         assert rows[hub]["lag_p99_ms"] is not None
         assert rows[hub]["lag_max_ms"] >= rows[hub]["lag_p99_ms"]
         assert 0 <= rows[hub]["own_lag_max_ms"] <= rows[hub]["lag_max_ms"]
+    # a second publisher process (its own key and state, the same topics), against one
+    assert rows["hub-publish-library-2proc"]["baseline"] == "hub-publish-library"
+    # verifying what was published, next to reading it raw: the same records, the same consumer settings
+    assert rows["hub-verify"]["baseline"] == "aiokafka-consume"
+    assert abs(rows["hub-verify"]["record_size"] - RECORD_BYTES) <= 0.05 * RECORD_BYTES, rows["hub-verify"]
     assert "load average" in proc.stdout
     assert report.DOCS.read_bytes() == docs_before  # --quick never rewrites the page
 

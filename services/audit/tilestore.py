@@ -17,15 +17,14 @@ disk says so), so the integrator stops and retries instead of committing anythin
 from __future__ import annotations
 
 import errno
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 from services.audit.tiles import Tile, TileWrite
+from services.shared.durable_files import replace_atomically, sync_dir
 from services.shared.errors import NotFound, StoreUnavailable
 
 CHECKPOINT = "checkpoint"
@@ -68,33 +67,13 @@ class PosixTileStore:
     def root(self) -> Path:
         return self._root
 
-    def _atomic_write(self, path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def write(self, writes: Sequence[TileWrite]) -> None:
         try:
             paths = [self._root / w.tile.path for w in writes]
             for path in {p.parent for p in paths}:
                 path.mkdir(parents=True, exist_ok=True)
-            list(self._pool.map(self._atomic_write, paths, [w.data for w in writes]))
-            list(self._pool.map(self._fsync_dir, sorted({p.parent for p in paths})))
+            list(self._pool.map(_write_unsynced, paths, [w.data for w in writes]))
+            list(self._pool.map(sync_dir, sorted({p.parent for p in paths})))
         except OSError as exc:
             raise _translate(exc, "tiles") from exc
 
@@ -109,8 +88,7 @@ class PosixTileStore:
     def write_checkpoint(self, data: bytes) -> None:
         try:
             self._root.mkdir(parents=True, exist_ok=True)
-            self._atomic_write(self._root / CHECKPOINT, data)
-            self._fsync_dir(self._root)
+            replace_atomically(self._root / CHECKPOINT, data)
         except OSError as exc:
             raise _translate(exc, "the checkpoint") from exc
 
@@ -121,3 +99,8 @@ class PosixTileStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _write_unsynced(path: Path, data: bytes) -> None:
+    """One tile or bundle; the directories are synced together once the whole batch is written."""
+    replace_atomically(path, data, sync_directory=False)

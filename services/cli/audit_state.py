@@ -16,12 +16,12 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from services.audit.checkpoint import Checkpoint, open_checkpoint
 from services.audit.note import Verifier
+from services.shared.durable_files import replace_atomically
 from services.shared.errors import ConfigurationError, EvidenceHubError
 
 
@@ -61,21 +61,7 @@ class CheckpointState:
         path = self.path(origin)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dirfd)
-            finally:
-                os.close(dirfd)
+            replace_atomically(path, data)
         except OSError as exc:
             raise ConfigurationError(f"cannot record the checkpoint in {path}: {exc.strerror}") from exc
         return path

@@ -48,7 +48,7 @@ from services.cli.audit_client import HttpLogSource
 from services.cli.client_settings import ClientSettings
 from services.cli.gateway_client import GatewayClient, GatewayUnavailable, Page, parse_download_receipt, repr_digest
 from services.cli.receipt_proofs import AuditProver, log_verifier
-from services.cli.subscribe_store import Batch, SubscriptionStore, sync_dir, to_json_bytes, write_atomically
+from services.cli.subscribe_store import Batch, SubscriptionStore, to_json_bytes, write_atomically
 from services.cli.subscription import (
     REDELIVERY_WINDOW,
     Failure,
@@ -65,6 +65,7 @@ from services.cli.subscription import (
     version_dir,
 )
 from services.shared.avro import AvroCodec
+from services.shared.durable_files import sync_dir
 from services.shared.errors import (
     ConfigurationError,
     DecodeError,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from services.cli.subscription import Tally, item_dir_candidates
+from services.shared.durable_files import replace_atomically
 from services.shared.errors import ConfigurationError, Conflict, DecodeError, StoreUnavailable
 from services.shared.sequences import SequenceTracker, Stream
 
@@ -60,27 +60,13 @@ CREATE TABLE IF NOT EXISTS failures (n INTEGER PRIMARY KEY AUTOINCREMENT, at TEX
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` or what it held before, never a mix: temporary file, fsync, rename, directory fsync.
+    """``path`` holds ``data`` or what it held before, never a mix (creating its directory first).
 
     Raises:
         OSError: the disk refused (the caller stops before recording anything).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    temporary.replace(path)
-    sync_dir(path.parent)
-
-
-def sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_atomically(path, data)
 
 
 def to_json_bytes(value: Any) -> bytes:

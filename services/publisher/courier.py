@@ -36,7 +36,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from services.publisher import reconcile, state
+from services.publisher.committer import GroupCommitter
 from services.publisher.ledger import TopicLedger
+from services.shared import wakeups
 from services.shared.avro import AvroCodec
 from services.shared.errors import EvidenceHubError, KafkaUnavailable, StateRefused, StoreUnavailable, UntrustedKey
 from services.shared.kafka import make_consumer, make_producer
@@ -83,7 +85,7 @@ class _Refused(Exception):
 class TopicCourier:
     """One (key, topic): its fence, what the key signed there, and rounds of delivery (see the module docstring)."""
 
-    def __init__(self, *, topic: str, key: PublicKey, codec: AvroCodec, committer: state.GroupCommitter,
+    def __init__(self, *, topic: str, key: PublicKey, codec: AvroCodec, committer: GroupCommitter,
                  settings: OutboxSettings, acked: Callable[[state.OutboxRow, int, int], None],
                  fatal: Callable[[EvidenceHubError], None]) -> None:  # fmt: skip
         self.topic = topic
@@ -232,9 +234,7 @@ class TopicCourier:
                 self._acked[key] = (partition, offset)
                 self._on_acked(item.row, partition, offset)
             await self._visible(acks)  # committed and marked whatever happens now; answered once readable
-            for item, ack in zip(batch, acks, strict=True):
-                if not item.future.done():
-                    item.future.set_result(ack)
+            await wakeups.answer([(item.future, ack) for item, ack in zip(batch, acks, strict=True)])
             if self._queue:
                 self._wake.set()
 
@@ -280,8 +280,10 @@ class TopicCourier:
     async def _send_round(self, producer: AIOKafkaProducer, batch: list[_Item]) -> list[tuple[int, int]]:
         await producer.begin_transaction()
         futures = []
-        for i in batch:
+        for n, i in enumerate(batch, 1):
             future = await producer.send(self.topic, i.row.envelope, key=i.row.kafka_key)
+            if n % wakeups.SLICE == 0:  # send() returns at once while its batch has room: let the loop run
+                await asyncio.sleep(0)
             future.add_done_callback(_retrieved)  # a failed round's record errors are the round's error
             futures.append(future)
         refused = [(i, why) for i in batch if (why := self.gate(i.row)) is not None]

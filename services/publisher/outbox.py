@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.publisher import state
+from services.publisher.committer import GroupCommitter
 from services.publisher.courier import RETRY, Key, OutboxSettings, TopicCourier
 from services.shared.avro import AvroCodec
 from services.shared.errors import EvidenceHubError, KafkaUnavailable, PublisherFenced, StateRefused, StoreUnavailable
@@ -52,7 +53,7 @@ class Delivery:
 class Outbox:
     """The couriers of every topic the publisher serves, and the delivery marks they produce."""
 
-    def __init__(self, *, key: PublicKey, codec: AvroCodec, committer: state.GroupCommitter, topics: Sequence[str],
+    def __init__(self, *, key: PublicKey, codec: AvroCodec, committer: GroupCommitter, topics: Sequence[str],
                  settings: OutboxSettings) -> None:  # fmt: skip
         self.settings = settings
         self._committer = committer

@@ -1,11 +1,14 @@
 """The publishing pipeline (the "library path"): request → signed envelopes in the outbox → Kafka, exactly once
 per request.
 
-Owns: idempotency (the same ``Idempotency-Key`` — or, without one, the same item id and content digest — returns
-the original result and never creates a second event), versioning (corrections and withdrawals), per-(key, topic)
-sequence numbers, and per-jurisdiction results. A publication whose delivery failed for some jurisdictions reports
-exactly which (:class:`PartialDelivery`); repeating the request, or the outbox relay, delivers the rest from the
-same stored envelopes — never re-signed, never duplicated as a new event.
+Owns: orchestrating a request — drawing its time and randomness, deciding it (the rules are ``decide``'s, fed the
+stored facts), signing, recording and delivering it — so that the same ``Idempotency-Key`` (or, without one, the
+same item id and content digest) returns the original result and never creates a second event; per-(key, topic)
+sequence numbers; per-jurisdiction results. Publications and corrections are decided and signed in batches, one
+unit of work per batch on the group committer's thread (:meth:`EvidencePublisher._publish_batch`). A publication
+whose delivery failed for some jurisdictions reports exactly which (:class:`PartialDelivery`); repeating the
+request, or the outbox relay, delivers the rest from the same stored envelopes — never re-signed, never duplicated
+as a new event.
 
 Does not own: getting envelopes into Kafka (a :class:`Deliverer`, ``outbox.Outbox`` in the service), which also
 says whether a sequence number may be signed on a topic at all — it may not until what the key already signed
@@ -16,7 +19,6 @@ The HTTP shell (``service.py``), ``evhub`` and ``bench/`` all publish through :c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import secrets
@@ -27,7 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from services.publisher import core, state
+from services.publisher import core, decide, state
+from services.publisher.committer import Batcher, GroupCommitter
 from services.publisher.outbox import Delivery
 from services.shared.avro import AvroCodec
 from services.shared.envelope import MAX_ENVELOPE_BYTES, seal
@@ -126,7 +129,7 @@ class EvidencePublisher:
     codec: AvroCodec
     signer: SigningKey
     outbox: Deliverer
-    committer: state.GroupCommitter
+    committer: GroupCommitter
     organisation: str
     jurisdictions: Sequence[str]
     registry: KeyRegistry | None = None
@@ -136,6 +139,7 @@ class EvidencePublisher:
 
     def __post_init__(self) -> None:
         self.outbox.refuse_when(self._refusal)
+        self._batches: Batcher[_Publication, _Done] = Batcher(self.committer, self._publish_batch)
 
     def _refusal(self, row: state.OutboxRow) -> str | None:
         """Why receivers would refuse this envelope now (its key revoked before its sequence number), or None."""
@@ -166,13 +170,7 @@ class EvidencePublisher:
         and NotFound for an unknown item, Conflict for a withdrawn one."""
         if meta.item_id != item_id:
             raise Conflict(f"metadata names item {meta.item_id!r}, the request {item_id!r}")
-        if not idempotency_key:
-            # Without one, a retry after a lost answer could not be told apart from a new correction that
-            # happens to say the same (e.g. reverting to an earlier version): fail closed.
-            raise ValidationFailed(
-                "a correction needs an Idempotency-Key header",
-                errors=[{"field": "Idempotency-Key", "message": "required for corrections"}],
-            )
+        _require_key_for_correction(idempotency_key)
         return await self._version(meta, content, idempotency_key, correction_of=item_id)
 
     async def precheck(
@@ -184,62 +182,99 @@ class EvidencePublisher:
         Conflict, NotFound), and UntrustedKey.
         """
         core.check_jurisdictions(meta, self.jurisdictions)
-        if correction_of is not None and not idempotency_key:
-            raise ValidationFailed(
-                "a correction needs an Idempotency-Key header",
-                errors=[{"field": "Idempotency-Key", "message": "required for corrections"}],
-            )
+        if correction_of is not None:
+            _require_key_for_correction(idempotency_key)
         self._may_sign()
-        key, fingerprint, reused = _identity(meta, sha256, idempotency_key, correction_of)
-        await self.committer.run(lambda conn: _plan(conn, meta, sha256, key, fingerprint, reused, correction_of))
+        identity = decide.version_identity(meta, sha256, idempotency_key, correction_of)
+
+        def check(conn: sqlite3.Connection) -> None:
+            item = state.items_by_id(conn, [meta.item_id]).get(meta.item_id)
+            decide.plan_version(
+                identity, item_id=meta.item_id, jurisdictions=meta.jurisdictions, sha256=sha256,
+                correction_of=correction_of, previous=state.requests_by_key(conn, [identity.key]).get(identity.key),
+                item=item, original=state.originals(conn, [meta.item_id]).get(meta.item_id) if item else None,
+            )  # fmt: skip
+
+        await self.committer.run(check)
 
     async def _version(
         self, meta: core.EvidenceMetadata, content: ContentInfo, idempotency_key: str | None, correction_of: str | None
     ) -> PublishResult:
         core.check_jurisdictions(meta, self.jurisdictions)
-        operation = "correct" if correction_of else "publish"
-        key, fingerprint, reused = _identity(meta, content.sha256, idempotency_key, correction_of)
         now = self._may_sign()
         random = self.entropy(16 * (len(meta.protected) + 1))
-        event_id = str(uuid.UUID(bytes=random[:16], version=4))
-        salts = [random[16 * (i + 1) : 16 * (i + 2)] for i in range(len(meta.protected))]
+        request = _Publication(
+            meta=meta, content=content, correction_of=correction_of, now=now,
+            identity=decide.version_identity(meta, content.sha256, idempotency_key, correction_of),
+            event_id=str(uuid.UUID(bytes=random[:16], version=4)),
+            salts=[random[16 * (i + 1) : 16 * (i + 2)] for i in range(len(meta.protected))],
+        )  # fmt: skip
+        event_id, version, replayed, rows = await self._batches.submit(request)
+        assert rows is not None  # a replay's rows are read in its batch
+        operation = "correct" if correction_of else "publish"
+        return await self._deliver_event(operation, event_id, meta.item_id, version, replayed, rows, content)
+
+    def _publish_batch(self, conn: sqlite3.Connection, batch: list[_Publication]) -> list[_Done | Exception]:
+        """One unit of work for a batch of publications and corrections (on the committer's thread): the facts of
+        all of them read with one statement per table, each decided and signed in turn against those facts and
+        what the batch itself did before it, the rows of all written with one statement per table."""
+        facts = _Facts.read(conn, self.signer.key_id, batch)
+        writes = state.VersionWrites()
+        outcomes: list[_Done | Exception] = []
+        replays: list[int] = []
+        for request in batch:
+            try:
+                outcome = self._one(request, facts, writes)
+            except Exception as exc:  # this request alone is refused; nothing of it was kept
+                outcomes.append(exc)
+                continue
+            if outcome[3] is None:
+                replays.append(len(outcomes))
+            outcomes.append(outcome)
+        state.write_versions(conn, writes)
+        for i in replays:  # after the writes: a replay of a request made earlier in this batch finds its rows
+            event_id, version, replayed, _ = outcomes[i]  # type: ignore[misc]
+            outcomes[i] = (event_id, version, replayed, state.outbox(conn, event_id))
+        return outcomes
+
+    def _one(self, request: _Publication, facts: _Facts, writes: state.VersionWrites) -> _Done:
+        """Decide and sign one request. Everything that can refuse happens before ``facts`` and ``writes`` change."""
+        meta, identity = request.meta, request.identity
+        item = facts.items.get(meta.item_id)
+        plan = decide.plan_version(
+            identity, item_id=meta.item_id, jurisdictions=meta.jurisdictions, sha256=request.content.sha256,
+            correction_of=request.correction_of, previous=facts.requests.get(identity.key), item=item,
+            original=facts.originals.get(meta.item_id),
+        )  # fmt: skip
+        if isinstance(plan, decide.Replay):
+            return plan.event_id, plan.version, True, None
+        content = request.content
         descriptor = {"media_type": content.media_type, "size": content.size, "sha256": content.sha256,
                       "file_name": content.file_name}  # fmt: skip
-
-        def unit(conn: sqlite3.Connection) -> _Done:
-            plan = _plan(conn, meta, content.sha256, key, fingerprint, reused, correction_of)
-            if isinstance(plan, tuple):
-                return *plan, None
-            existing, version, replaces = plan.existing, plan.version, plan.replaces
-            events, disclosures = core.build_events(
-                meta, event_id=event_id, version=version, replaces_event_id=replaces,
-                organisation=self.organisation, key_id=self.signer.key_id, content=[descriptor],
-                published_at=now, salts=salts,
-            )  # fmt: skip
-            rows = self._stage(conn, event_id, "evidence_event", events, meta.case_ids[0], disclosures)
-            all_jurisdictions = sorted(set(meta.jurisdictions) | set(_jurisdictions(existing)))
-            conn.execute(
-                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, NULL, NULL)",
-                (meta.item_id, version, event_id, json.dumps(meta.case_ids), json.dumps(all_jurisdictions)),
-            )
-            state.insert(
-                conn,
-                "versions",
-                {
-                    "item_id": meta.item_id,
-                    "version": version,
-                    "event_id": event_id,
-                    "sha256": content.sha256,
-                    "media_type": content.media_type,
-                    "size": content.size,
-                    "published_at": now.isoformat(),
-                },
-            )
-            self._record(conn, key, fingerprint, operation, event_id, meta.item_id, version, now)
-            return event_id, version, False, rows
-
-        eid, version, replayed, rows = await self.committer.run(_with_outbox(unit))
-        return await self._deliver_event(operation, eid, meta.item_id, version, replayed, rows, content)
+        events, disclosures = core.build_events(
+            meta, event_id=request.event_id, version=plan.version, replaces_event_id=plan.replaces,
+            organisation=self.organisation, key_id=self.signer.key_id, content=[descriptor],
+            published_at=request.now, salts=request.salts,
+        )  # fmt: skip
+        rows = self._seal(request.event_id, "evidence_event", events, meta.case_ids[0], disclosures, facts.counters)
+        # Nothing below raises: the request is decided, its facts change.
+        operation = "correct" if request.correction_of else "publish"
+        at = request.now.isoformat()
+        stored = decide.StoredRequest(identity.fingerprint, operation, request.event_id, meta.item_id, plan.version)
+        facts.requests[identity.key] = stored
+        if operation == "publish":
+            facts.originals[meta.item_id] = stored
+        facts.items[meta.item_id] = decide.StoredItem(meta.item_id, plan.version, request.event_id,
+                                                      tuple(meta.case_ids), plan.jurisdictions)  # fmt: skip
+        facts.counters.update((r.topic, r.sequence) for r in rows)
+        writes.outbox += rows
+        writes.requests.append((identity.key, identity.fingerprint, operation, request.event_id, meta.item_id,
+                                plan.version, at))  # fmt: skip
+        writes.versions.append((meta.item_id, plan.version, request.event_id, content.sha256, content.media_type,
+                                content.size, at))  # fmt: skip
+        writes.items.append((meta.item_id, plan.version, request.event_id, json.dumps(meta.case_ids),
+                             json.dumps(list(plan.jurisdictions))))  # fmt: skip
+        return request.event_id, plan.version, False, rows
 
     async def references(self, sha256: str) -> bool:
         """Whether any version of any item was published with this content."""
@@ -250,33 +285,34 @@ class EvidencePublisher:
 
         Raises: NotFound (unknown item), Conflict (already withdrawn, or key reused), PartialDelivery.
         """
-        key, reused = _idempotency(idempotency_key, f"withdraw:{item_id}", f"item {item_id} is already withdrawn")
-        fingerprint = hashlib.sha256(f"withdraw\0{item_id}\0{reason}".encode()).hexdigest()
+        identity = decide.withdrawal_identity(item_id, reason, idempotency_key)
         now = self._may_sign()
         event_id = str(uuid.UUID(bytes=self.entropy(16), version=4))
 
-        def unit(conn: sqlite3.Connection) -> _Done:
-            done = _replay(conn, key, fingerprint, reused)
-            if done is not None:
-                return *done, None
-            existing = state.item(conn, item_id)
-            if existing is None:
-                raise NotFound(f"no item {item_id}")
-            if existing["withdrawn_at"] is not None:
-                raise Conflict(f"item {item_id} is already withdrawn")
-            case_ids = json.loads(existing["case_ids"])
-            records = core.build_withdrawals(
-                item_id=item_id, event_id=event_id, withdrawn_version=existing["latest_version"], case_ids=case_ids,
-                jurisdictions=_jurisdictions(existing), organisation=self.organisation, key_id=self.signer.key_id,
-                reason=reason, published_at=now,
+        def unit(conn: sqlite3.Connection) -> tuple[str, int, bool, list[state.OutboxRow]]:
+            plan = decide.plan_withdrawal(
+                identity, item_id=item_id, previous=state.requests_by_key(conn, [identity.key]).get(identity.key),
+                item=state.items_by_id(conn, [item_id]).get(item_id),
             )  # fmt: skip
-            rows = self._stage(conn, event_id, "evidence_withdrawal", records, case_ids[0], [])
+            if isinstance(plan, decide.Replay):
+                return plan.event_id, plan.version, True, state.outbox(conn, plan.event_id)
+            records = core.build_withdrawals(
+                item_id=item_id, event_id=event_id, withdrawn_version=plan.latest_version,
+                case_ids=list(plan.case_ids), jurisdictions=list(plan.jurisdictions), organisation=self.organisation,
+                key_id=self.signer.key_id, reason=reason, published_at=now,
+            )  # fmt: skip
+            counters = state.counters(conn, self.signer.key_id, [evidence_topic(j) for j in records])
+            rows = self._seal(event_id, "evidence_withdrawal", records, plan.case_ids[0], [], counters)
+            state.stage(conn, rows)
             conn.execute("UPDATE items SET withdrawn_at = ?, withdraw_reason = ? WHERE item_id = ?",
                          (now.isoformat(), reason, item_id))  # fmt: skip
-            self._record(conn, key, fingerprint, "withdraw", event_id, item_id, existing["latest_version"], now)
-            return event_id, existing["latest_version"], False, rows
+            conn.execute("INSERT INTO requests (idempotency_key, fingerprint, operation, event_id, item_id, version, "
+                         "created_at) VALUES (?, ?, 'withdraw', ?, ?, ?, ?)",
+                         (identity.key, identity.fingerprint, event_id, item_id, plan.latest_version,
+                          now.isoformat()))  # fmt: skip
+            return event_id, plan.latest_version, False, rows
 
-        eid, version, replayed, rows = await self.committer.run(_with_outbox(unit))
+        eid, version, replayed, rows = await self.committer.run(unit)
         return await self._deliver_event("withdraw", eid, item_id, version, replayed, rows, None)
 
     def _may_sign(self) -> datetime:
@@ -290,18 +326,16 @@ class EvidencePublisher:
             self.registry.check_can_sign(self.signer.key_id, now, organisation=self.organisation)
         return now
 
-    def _stage(self, conn: sqlite3.Connection, event_id: str, schema: str, records: dict[str, dict[str, Any]],
-               case_id: str, disclosures: list[str]) -> list[state.OutboxRow]:  # fmt: skip
-        """Sign one envelope per jurisdiction with the next sequence number of its topic and write them to the
-        outbox. Everything that can refuse (Kafka's record of the key, the size limit) is checked before the first
-        write: the group committer runs units without savepoints (``state.GroupCommitter``)."""
+    def _seal(self, event_id: str, schema: str, records: dict[str, dict[str, Any]], case_id: str,
+              disclosures: list[str], counters: dict[str, int]) -> list[state.OutboxRow]:  # fmt: skip
+        """Sign one envelope per jurisdiction with the next sequence number of its topic after ``counters`` (the last
+        this state allocated, per topic). Writes nothing: everything that can refuse (Kafka's record of the key, the
+        size limit) is checked before the caller's first write, as units run without savepoints (GroupCommitter)."""
         key_id = self.signer.key_id
-        topics = {jurisdiction: evidence_topic(jurisdiction) for jurisdiction in records}
-        last = state.counters(conn, key_id, list(topics.values()))
         rows = []
         for jurisdiction, record in sorted(records.items()):
-            topic = topics[jurisdiction]
-            sequence = last.get(topic, 0) + 1
+            topic = evidence_topic(jurisdiction)
+            sequence = counters.get(topic, 0) + 1
             self.outbox.may_sign(topic, sequence)  # never at or below what Kafka holds of this key
             envelope = seal(self.codec, schema=schema, record=record, topic=topic, signer=self.signer,
                             sequence=sequence, disclosures=disclosures)  # fmt: skip
@@ -313,15 +347,7 @@ class EvidencePublisher:
                 )
             rows.append(state.OutboxRow(event_id, jurisdiction, topic, case_id.encode(), key_id, sequence, envelope,
                                         None, None))  # fmt: skip
-        state.stage(conn, rows)
         return rows
-
-    @staticmethod
-    def _record(conn: sqlite3.Connection, key: str, fingerprint: str, operation: str, event_id: str, item_id: str,
-                version: int, now: datetime) -> None:  # fmt: skip
-        state.insert(conn, "requests", {
-            "idempotency_key": key, "fingerprint": fingerprint, "operation": operation, "event_id": event_id,
-            "item_id": item_id, "version": version, "created_at": now.isoformat()})  # fmt: skip
 
     async def _deliver_event(self, operation: str, event_id: str, item_id: str, version: int, replayed: bool,
                              rows: list[state.OutboxRow], content: ContentInfo | None) -> PublishResult:  # fmt: skip
@@ -373,92 +399,54 @@ class EvidencePublisher:
         return await self.committer.run(read)
 
 
-@dataclass(frozen=True)
-class _NewVersion:
-    existing: sqlite3.Row | None
-    version: int
-    replaces: str | None
-
-
-def _identity(meta: core.EvidenceMetadata, sha256: str, client_key: str | None,
-              correction_of: str | None) -> tuple[str, str, str]:  # fmt: skip
-    """(stored idempotency key, request fingerprint, the conflict message if the key was used for something else)."""
-    operation = "correct" if correction_of else "publish"
-    # The operation is part of what a key stands for: a publish's key reused for a correction is a conflict.
-    fingerprint = f"{operation}:{core.request_fingerprint(meta, sha256)}"
-    # Without a key, a publication is identified by its item id and content digest.
-    key, reused = _idempotency(
-        client_key, f"publish:{meta.item_id}:{sha256}",
-        f"item {meta.item_id} was already published with this file and other metadata; send a correction",
-    )  # fmt: skip
-    return key, fingerprint, reused
-
-
-def _plan(conn: sqlite3.Connection, meta: core.EvidenceMetadata, sha256: str, key: str, fingerprint: str, reused: str,
-          correction_of: str | None) -> tuple[str, int, bool] | _NewVersion:  # fmt: skip
-    """What a publish or correction does: replay an earlier result, or make which version. Reads only.
-
-    Raises: Conflict, NotFound.
-    """
-    done = _replay(conn, key, fingerprint, reused)
-    if done is not None:
-        return done
-    existing = state.item(conn, meta.item_id)
-    if correction_of is None:
-        if existing is None:
-            return _NewVersion(None, 1, None)
-        original = state.original_publication(conn, meta.item_id)
-        if original is not None and (original["fingerprint"] == fingerprint  # same item, same content
-                                     or original["fingerprint"] == state.recovered(sha256)):  # fmt: skip
-            return original["event_id"], original["version"], True
-        raise Conflict(f"item {meta.item_id} is already published; send a correction to change it")
-    if existing is None:
-        raise NotFound(f"no item {correction_of}")
-    if existing["withdrawn_at"] is not None:
-        raise Conflict(f"item {correction_of} was withdrawn")
-    left_out = sorted(set(_jurisdictions(existing)) - set(meta.jurisdictions))
-    if left_out:
-        raise Conflict(
-            f"a correction must reach every jurisdiction the item was published to; "
-            f"{', '.join(left_out)} would keep version {existing['latest_version']} as current"
+def _require_key_for_correction(idempotency_key: str | None) -> None:
+    if not idempotency_key:
+        # Without one, a retry after a lost answer could not be told apart from a new correction that
+        # happens to say the same (e.g. reverting to an earlier version): fail closed.
+        raise ValidationFailed(
+            "a correction needs an Idempotency-Key header",
+            errors=[{"field": "Idempotency-Key", "message": "required for corrections"}],
         )
-    return _NewVersion(existing, existing["latest_version"] + 1, existing["latest_event_id"])
 
 
-#: What a unit of work decided: (event id, version, replayed, the outbox rows it staged — None for a replay).
+@dataclass(frozen=True)
+class _Publication:
+    """One publish or correction request, with everything drawn before its batch (time, randomness, identity)."""
+
+    meta: core.EvidenceMetadata
+    content: ContentInfo
+    correction_of: str | None
+    now: datetime
+    identity: decide.Identity
+    event_id: str
+    salts: list[bytes]
+
+
+@dataclass
+class _Facts:
+    """What the state holds for a batch's requests, updated as the batch decides them (so a later request of the
+    batch sees an earlier one's request, item and sequence numbers before they are written)."""
+
+    requests: dict[str, decide.StoredRequest]
+    items: dict[str, decide.StoredItem]
+    originals: dict[str, decide.StoredRequest]
+    counters: dict[str, int]
+
+    @classmethod
+    def read(cls, conn: sqlite3.Connection, key_id: str, batch: list[_Publication]) -> _Facts:
+        """Three or four statements for the whole batch."""
+        item_ids = {r.meta.item_id for r in batch}
+        items = state.items_by_id(conn, item_ids)
+        topics = sorted({evidence_topic(j) for r in batch for j in r.meta.jurisdictions})
+        return cls(
+            requests=state.requests_by_key(conn, {r.identity.key for r in batch}), items=items,
+            originals=state.originals(conn, items) if items else {},  # only an existing item has an original
+            counters=state.counters(conn, key_id, topics),
+        )  # fmt: skip
+
+
+#: What a unit of work decided: (event id, version, replayed, the outbox rows — None for a replay until read).
 _Done = tuple[str, int, bool, list[state.OutboxRow] | None]
-
-
-def _with_outbox(
-    unit: Callable[[sqlite3.Connection], _Done],
-) -> Callable[[sqlite3.Connection], tuple[str, int, bool, list[state.OutboxRow]]]:
-    """A replayed event's outbox rows are read in the same unit of work (one group, not two); a new event's are the
-    rows it just staged."""
-
-    def both(conn: sqlite3.Connection) -> tuple[str, int, bool, list[state.OutboxRow]]:
-        event_id, version, replayed, staged = unit(conn)
-        return event_id, version, replayed, state.outbox(conn, event_id) if staged is None else staged
-
-    return both
-
-
-def _idempotency(client_key: str | None, derived_key: str, derived_conflict: str) -> tuple[str, str]:
-    """The stored key and the conflict message for a request. Client keys have their own namespace, so no key a
-    client picks can collide with one derived from the request."""
-    if client_key:
-        return f"client:{client_key}", "this Idempotency-Key was already used for a different request"
-    return derived_key, derived_conflict
-
-
-def _replay(conn: sqlite3.Connection, key: str, fingerprint: str, reused: str) -> tuple[str, int, bool] | None:
-    previous = state.request(conn, key)
-    if previous is None:
-        return None
-    # A row rebuilt from Kafka by `recover` keeps only what the event says (item id and content digest, which its
-    # derived key already names), not the request's full fingerprint: a repeat of that publication is a replay.
-    if previous["fingerprint"] != fingerprint and not state.is_recovered(previous["fingerprint"]):
-        raise Conflict(reused)
-    return previous["event_id"], previous["version"], True
 
 
 def _jurisdictions(row: sqlite3.Row | None) -> list[str]:

@@ -31,8 +31,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from services.publisher import state
+from services.publisher.committer import GroupCommitter
 from services.publisher.ledger import Found, TopicLedger, claimed
-from services.publisher.state import GroupCommitter
 from services.shared.avro import AvroCodec
 from services.shared.errors import KafkaUnavailable, StateRefused
 from services.shared.kafka import make_consumer, partitions_of

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from services.publisher import reconcile, state
+from services.publisher import decide, reconcile, state
+from services.publisher.committer import GroupCommitter
 from services.publisher.courier import OutboxSettings, take_fence
 from services.publisher.datadir import DataDir
 from services.publisher.ledger import Found, claimed
@@ -89,7 +90,7 @@ async def recover(settings: PublisherSettings, *, progress: Callable[[str], None
     try:
         if datadir.state.is_file():
             await asyncio.to_thread(state.check, datadir.state)
-        committer = state.GroupCommitter(state.connect(datadir.state), timeout=settings.store_timeout_s)
+        committer = GroupCommitter(state.connect(datadir.state), timeout=settings.store_timeout_s)
         fences = []
         try:
             outbox_settings = OutboxSettings(
@@ -113,7 +114,7 @@ async def recover(settings: PublisherSettings, *, progress: Callable[[str], None
         datadir.unlock()
 
 
-async def _recover_topic(topic: str, codec: AvroCodec, key: PublicKey, committer: state.GroupCommitter,
+async def _recover_topic(topic: str, codec: AvroCodec, key: PublicKey, committer: GroupCommitter,
                          bootstrap: Kafka, progress: Callable[[str], None]) -> TopicReport:  # fmt: skip
     report = TopicReport(topic)
     report.counter_before = await committer.run(lambda conn: state.counter(conn, key.key_id, topic))
@@ -258,7 +259,7 @@ def _apply_event(conn: sqlite3.Connection, event: dict[str, Any]) -> None:
         conn.execute(
             "INSERT OR IGNORE INTO requests (idempotency_key, fingerprint, operation, event_id, item_id, version, "
             "created_at) VALUES (?, ?, 'publish', ?, ?, 1, ?)",
-            (f"publish:{item_id}:{content['sha256']}", state.recovered(content["sha256"]), event_id, item_id,
+            (f"publish:{item_id}:{content['sha256']}", decide.recovered(content["sha256"]), event_id, item_id,
              _iso(event["published_at"])),
         )  # fmt: skip
 

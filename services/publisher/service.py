@@ -36,6 +36,7 @@ from aiohttp.typedefs import Middleware
 
 from services.publisher import state
 from services.publisher.batch import check_batch_length, publish_batch, read_batch
+from services.publisher.committer import GroupCommitter
 from services.publisher.courier import OutboxSettings
 from services.publisher.datadir import DataDir
 from services.publisher.ledger import intact
@@ -301,7 +302,7 @@ async def _retrying(what: str, deadline: float, attempt: Callable[[], Awaitable[
         delay = min(delay * 2, 5.0)
 
 
-async def _check_pending(committer: state.GroupCommitter, codec: AvroCodec, signer: SigningKey) -> None:
+async def _check_pending(committer: GroupCommitter, codec: AvroCodec, signer: SigningKey) -> None:
     """Raises: StateRefused if an envelope waiting to be sent no longer carries this key's valid signature
     (damaged bytes the integrity check cannot see)."""
     rows = await committer.run(lambda conn: state.pending(conn, 1_000_000))
@@ -334,7 +335,7 @@ async def _own_resources(app: web.Application) -> AsyncIterator[None]:
         if datadir.state.is_file():
             seconds = await asyncio.to_thread(state.check, datadir.state)
             log.info("integrity check of %s (%d bytes): %.2fs", datadir.state, datadir.state.stat().st_size, seconds)
-        committer = state.GroupCommitter(state.connect(datadir.state), timeout=settings.store_timeout_s)
+        committer = GroupCommitter(state.connect(datadir.state), timeout=settings.store_timeout_s)
         try:
             await _check_pending(committer, codec, signer)
 

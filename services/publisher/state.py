@@ -9,32 +9,24 @@ request, so a crash can neither lose an accepted publication nor reuse a sequenc
 the state is still the newest record of what the key signed is for ``ledger``/``reconcile`` to establish from
 Kafka, since a file can be emptied, lost or restored from an old copy.
 
-:class:`GroupCommitter` runs many callers' units of work in one transaction (without savepoints): one fsync serves a
-whole group, as the measured costs suggest (118 µs per record vs 0.9). It never waits for a lock on the
-event loop: a database locked by another process (an operator's shell, say) makes the group wait and retry with
-backoff while the loop keeps serving.
+Every write goes through ``committer.GroupCommitter``, the one writer, which runs many callers' units of work per
+transaction on a thread of its own: one fsync serves a whole group (118 µs per record vs 0.9, as measured).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
+from services.publisher import decide
 from services.shared.errors import StateRefused, StoreUnavailable
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
-MAX_GROUP: Final = 512
-#: A group stops taking units once its units have run this long, and the committer yields to the event loop between
-#: groups: every other connection of the process waits for one group at most. A group of 512 publications used to
-#: hold the loop for ~0.3-0.5 s; a commit (one fsync) costs ~0.2-1 ms here, so 10 ms keeps that under a tenth.
-GROUP_BUDGET_S: Final = 0.010
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -58,8 +50,6 @@ CREATE INDEX IF NOT EXISTS versions_content ON versions (sha256);
 CREATE TABLE IF NOT EXISTS kafka_checked (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, PRIMARY KEY (topic, partition));
 """
-#: Back-off while another process holds the write lock: the group waits on the loop's timer, never on SQLite.
-BUSY_BACKOFF: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -215,15 +205,6 @@ def advance_checked(conn: sqlite3.Connection, topic: str, offsets: Mapping[int, 
     )
 
 
-def recovered(sha256: str | None) -> str:
-    """The fingerprint ``recover`` gives a request rebuilt from its event (the request itself is not in Kafka)."""
-    return f"recovered:{sha256 or ''}"
-
-
-def is_recovered(fingerprint: str) -> bool:
-    return fingerprint.startswith("recovered:")
-
-
 def request(conn: sqlite3.Connection, key: str) -> sqlite3.Row | None:
     row: sqlite3.Row | None = conn.execute("SELECT * FROM requests WHERE idempotency_key = ?", (key,)).fetchone()
     return row
@@ -239,6 +220,57 @@ def original_publication(conn: sqlite3.Connection, item_id: str) -> sqlite3.Row 
 def item(conn: sqlite3.Connection, item_id: str) -> sqlite3.Row | None:
     row: sqlite3.Row | None = conn.execute("SELECT * FROM items WHERE item_id = ?", (item_id,)).fetchone()
     return row
+
+
+def requests_by_key(conn: sqlite3.Connection, keys: Iterable[str]) -> dict[str, decide.StoredRequest]:
+    """The stored requests under these idempotency keys (those that exist)."""
+    return {r["idempotency_key"]: decide.StoredRequest.of(r)
+            for r in _where_in(conn, "SELECT * FROM requests WHERE idempotency_key", keys)}  # fmt: skip
+
+
+def items_by_id(conn: sqlite3.Connection, item_ids: Iterable[str]) -> dict[str, decide.StoredItem]:
+    return {
+        r["item_id"]: decide.StoredItem.of(r) for r in _where_in(conn, "SELECT * FROM items WHERE item_id", item_ids)
+    }
+
+
+def originals(conn: sqlite3.Connection, item_ids: Iterable[str]) -> dict[str, decide.StoredRequest]:
+    """Per item: the request that first published it."""
+    rows = _where_in(conn, "SELECT * FROM requests WHERE operation = 'publish' AND item_id", item_ids)
+    return {r["item_id"]: decide.StoredRequest.of(r) for r in rows}
+
+
+def _where_in(conn: sqlite3.Connection, select: str, values: Iterable[str]) -> list[sqlite3.Row]:
+    """``select`` + `` IN (...)`` over ``values``, 500 at a time (SQLite's bound on variables)."""
+    wanted = sorted(set(values))
+    out: list[sqlite3.Row] = []
+    for i in range(0, len(wanted), 500):
+        chunk = wanted[i : i + 500]
+        out += conn.execute(f"{select} IN ({', '.join('?' for _ in chunk)})", chunk).fetchall()
+    return out
+
+
+@dataclass
+class VersionWrites:
+    """The rows a batch of publications adds, written with one statement per table (:func:`write_versions`)."""
+
+    requests: list[tuple[str, str, str, str, str, int, str]] = field(default_factory=list)
+    items: list[tuple[str, int, str, str, str]] = field(default_factory=list)
+    versions: list[tuple[str, int, str, str, str, int, str]] = field(default_factory=list)
+    outbox: list[OutboxRow] = field(default_factory=list)
+
+
+def write_versions(conn: sqlite3.Connection, writes: VersionWrites) -> None:
+    """Write a batch's rows: its signed envelopes first (``stage``: the counters, and the outbox's unique index
+    refusing a sequence number signed twice), then requests, versions and items — in order, so where two requests of
+    one batch changed one item, the later row is the one kept."""
+    if writes.outbox:
+        stage(conn, writes.outbox)
+    conn.executemany("INSERT INTO requests (idempotency_key, fingerprint, operation, event_id, item_id, version, "
+                     "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", writes.requests)  # fmt: skip
+    conn.executemany("INSERT INTO versions (item_id, version, event_id, sha256, media_type, size, published_at) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)", writes.versions)  # fmt: skip
+    conn.executemany("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, NULL, NULL)", writes.items)
 
 
 def content_referenced(conn: sqlite3.Connection, sha256: str) -> bool:
@@ -290,211 +322,3 @@ def insert(conn: sqlite3.Connection, table: str, values: dict[str, Any]) -> None
     cols = ", ".join(values)
     marks = ", ".join("?" for _ in values)
     conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", tuple(values.values()))  # noqa: S608
-
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("publisher state update failed: %r", future.exception())
-
-
-class GroupCommitter:
-    """Runs units of work ``fn(conn) -> T`` many per transaction, on the event loop's thread.
-
-    Every unit queued during one turn of the event loop joins the same transaction, so one fsync serves them all.
-    A unit that raises before changing a row changes nothing; its caller gets the exception. One that raises after
-    changing rows makes the group roll back and run again without it (``_commit_group``): never a half-write.
-    If the COMMIT fails, every caller in the group gets :class:`StoreUnavailable` and nothing of the group is kept.
-    A unit whose caller has gone (cancelled, timed out) before its group starts is not run.
-
-    The database is opened with lock waits off: when another process holds the write lock, ``BEGIN IMMEDIATE``
-    fails at once and the group is retried on the loop's timer with backoff (:data:`BUSY_BACKOFF`), so the loop
-    never blocks on a lock; callers of :meth:`run` stop waiting after ``timeout`` with StoreUnavailable.
-
-    Why on the loop's thread: a writer thread contends for the GIL with the busy loop and waits up to the switch
-    interval (5 ms) after every SQLite call releases it — measured at 1.4k events/s against 11k/s for raw Kafka.
-    A group costs the loop one commit (~0.2 ms with fsync on these disks); units are short and CPU-bound.
-    """
-
-    def __init__(self, conn: sqlite3.Connection, *, timeout: float = 10.0) -> None:
-        self._conn = conn
-        self.timeout = timeout
-        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._scheduled = False
-        self._closed = False
-        self._busy = 0  # consecutive groups refused by a lock held elsewhere
-        self.groups = 0
-        self.busy_retries = 0
-        self.redone = 0  # groups run again because a unit raised after writing
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in the next group; returns once that group is committed (durable).
-
-        Raises:
-            StoreUnavailable: the commit failed, the committer is closed, or the database stayed locked by another
-            process for the committer's ``timeout``; then ``fn`` was not run. Whatever ``fn`` raises.
-        """
-        future = self._enqueue(fn)
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await asyncio.shield(future)
-        except TimeoutError:
-            if future.cancel():  # not started: it never will be
-                raise StoreUnavailable("publisher state is locked by another process; try again") from None
-            return await future  # its group is running on this thread right now: it cannot be pending here
-
-    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Queue ``fn`` for the next group without waiting; its failure is logged (nobody awaits it).
-
-        Raises:
-            StoreUnavailable: the committer is closed.
-        """
-        future = self._enqueue(fn)
-        future.add_done_callback(_log_failure)
-        return future
-
-    def _enqueue(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        if self._closed:
-            raise StoreUnavailable("publisher state is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.append((fn, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._drain)
-        return future
-
-    def _drain(self) -> None:
-        """Commit one group, then let the loop run before the next (``GROUP_BUDGET_S``)."""
-        self._scheduled = False
-        while self._queue:
-            group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
-            group = [(fn, future) for fn, future in group if not future.done()]  # callers gone: not run
-            if not group:
-                continue
-            if not self._commit_group(group):  # locked elsewhere: put it back, try again later
-                self._queue = group + self._queue
-                self._retry_later()
-                return
-            break
-        self._busy = 0
-        if self._queue:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._drain)
-
-    def _retry_later(self) -> None:
-        delay = BUSY_BACKOFF[min(self._busy, len(BUSY_BACKOFF) - 1)]
-        self._busy += 1
-        self.busy_retries += 1
-        if self._busy == 1 or self._busy % 20 == 0:
-            log.warning("publisher state is locked by another process; retrying in %.2fs", delay)
-        self._scheduled = True
-        asyncio.get_running_loop().call_later(delay, self._drain)
-
-    def _commit_group(self, group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]) -> bool:
-        """Returns False, having changed nothing (``group`` is the caller's to put back), if another process holds
-        the write lock. Units not run (over the time budget, or a run again that found the lock taken) go back to the
-        front of the queue here.
-
-        Units run without savepoints (two statements each, a fifth of a publication's): a unit that raises before it
-        writes (a conflict, a refusal, a replay check — the units of ``pipeline`` check everything first) leaves
-        nothing to undo, and only its caller gets the error. A unit that raises *after* writing cannot be undone on
-        its own: then the whole transaction is rolled back, its caller gets the error, and the others run again in
-        a fresh transaction (they are functions of the database, so running again decides the same).
-        """
-        first = True
-        while group:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if _locked(exc) and not self._closed:
-                    if first:
-                        return False
-                    self._queue = group + self._queue  # a run again found the lock taken: the next group's
-                    return True
-                self._abort(group, exc)
-                return True
-            first = False
-            try:
-                results, failed = self._run_units(group)
-                group, rest = group[: len(results)], group[len(results) :]
-                self._queue = rest + self._queue  # over the time budget: they go in the next group
-                if failed is not None:  # wrote, then raised: roll everything back and run the others again
-                    self._conn.execute("ROLLBACK")
-                    future, error = group[failed][1], results[failed][2]
-                    if not future.done() and error is not None:
-                        future.set_exception(error)
-                    group = [(fn, f) for i, (fn, f) in enumerate(group) if i != failed and not f.done()]
-                    self.redone += 1
-                    continue
-                self._conn.execute("COMMIT")
-                self.groups += 1
-            except BaseException as exc:  # the group failed (SQLite, or KeyboardInterrupt mid-unit): nothing is kept
-                self._abort(group, exc)
-                if not isinstance(exc, sqlite3.Error):
-                    raise
-                return True
-            for future, value, error in results:
-                if future.done():  # the caller went away (cancelled); the work is committed all the same
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(value)
-            return True
-        return True
-
-    def _run_units(
-        self, group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
-    ) -> tuple[list[tuple[asyncio.Future[Any], Any, BaseException | None]], int | None]:
-        """Run units in the open transaction until they have taken ``GROUP_BUDGET_S``. Returns the results of those
-        run (the rest were not) and the index of a unit that raised after changing rows (the last run), or None."""
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        began = time.perf_counter()
-        for i, (fn, future) in enumerate(group):
-            before = self._conn.total_changes
-            try:
-                results.append((future, fn(self._conn), None))
-            except Exception as exc:  # the unit failed, not the group: its caller gets the error
-                results.append((future, None, exc))
-                if self._conn.total_changes != before:
-                    return results, i
-            if time.perf_counter() - began > GROUP_BUDGET_S:
-                break
-        return results, None
-
-    def _abort(self, group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
-               exc: BaseException) -> None:  # fmt: skip
-        """Roll the group back and tell every caller; leave the committer usable for the next group."""
-        try:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            log.exception("rollback failed")
-        failure = StoreUnavailable(f"publisher state commit failed: {exc!r}")
-        for _, future in group:
-            if not future.done():
-                future.set_exception(failure)
-        if self._queue and not self._scheduled:  # an escaping exception must not strand what is still queued
-            try:
-                asyncio.get_running_loop().call_soon(self._drain)
-                self._scheduled = True
-            except RuntimeError:  # no loop (close() at exit): close() drains what is left itself
-                pass
-
-    def close(self) -> None:
-        """Commit whatever is still queued (waiting up to a few seconds for a lock held elsewhere), then close."""
-        self._closed = True
-        deadline = time.monotonic() + 5.0
-        while self._queue:
-            group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
-            group = [(fn, future) for fn, future in group if not future.done()]
-            while group and not self._commit_group(group):
-                if time.monotonic() > deadline:
-                    log.error("publisher state stayed locked by another process; %d units not written", len(group))
-                    break
-                time.sleep(0.05)
-        self._conn.close()
-
-
-def _locked(exc: sqlite3.OperationalError) -> bool:
-    return "locked" in str(exc) or "busy" in str(exc)

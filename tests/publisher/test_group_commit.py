@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 import pytest
 
 from services.publisher import state
+from services.publisher.committer import GROUP_BUDGET_S, GroupCommitter
+from services.shared import wakeups
 
 
 class Refused(Exception):
@@ -37,7 +40,7 @@ def _refuse(conn: sqlite3.Connection) -> None:
 
 
 async def test_a_unit_that_raises_after_writing_leaves_nothing_and_its_group_is_kept(tmp_path: Path) -> None:
-    committer = state.GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
     futures: list[asyncio.Future[Any]] = [
         committer.submit(_bump("a")), committer.submit(_bump_then_refuse), committer.submit(_bump("b"))
     ]  # fmt: skip
@@ -52,7 +55,7 @@ async def test_a_unit_that_raises_after_writing_leaves_nothing_and_its_group_is_
 
 
 async def test_a_unit_that_raises_before_writing_fails_alone(tmp_path: Path) -> None:
-    committer = state.GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
     futures: list[asyncio.Future[Any]] = [
         committer.submit(_bump("a")), committer.submit(_refuse), committer.submit(_bump("a"))
     ]  # fmt: skip
@@ -66,7 +69,7 @@ async def test_a_unit_that_raises_before_writing_fails_alone(tmp_path: Path) -> 
 
 
 async def test_staging_refuses_a_sequence_number_signed_twice(tmp_path: Path) -> None:
-    committer = state.GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
     row = state.OutboxRow("e1", "DE", "evidence.DE", b"c", "k", 1, b"envelope", None, None)
     await committer.run(lambda conn: state.stage(conn, [row]))
     again = state.OutboxRow("e2", "DE", "evidence.DE", b"c", "k", 1, b"other", None, None)
@@ -78,11 +81,11 @@ async def test_staging_refuses_a_sequence_number_signed_twice(tmp_path: Path) ->
 
 
 async def test_a_long_group_is_cut_and_the_event_loop_runs_between_its_parts(tmp_path: Path) -> None:
-    committer = state.GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
     turns: list[int] = []
 
     def slow(conn: sqlite3.Connection) -> int:
-        time.sleep(state.GROUP_BUDGET_S / 3)  # CPU-bound work standing in for signing
+        time.sleep(GROUP_BUDGET_S / 3)  # CPU-bound work standing in for signing
         turns.append(ticks)
         return state.next_sequence(conn, "k", "a")
 
@@ -96,3 +99,48 @@ async def test_a_long_group_is_cut_and_the_event_loop_runs_between_its_parts(tmp
     assert committer.groups >= 3
     assert len(set(turns)) >= 3, "other work ran between the groups"
     committer.close()
+
+
+async def test_the_event_loop_keeps_running_while_a_unit_signs(tmp_path: Path) -> None:
+    """Units run on the committer's own thread: a long, CPU-bound unit (signing a batch) does not hold the loop."""
+    committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    ticks_during: list[int] = []
+    ticks = 0
+    done = threading.Event()
+
+    def busy(conn: sqlite3.Connection) -> int:
+        start = ticks
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:  # pure Python work, holding the GIL whenever it can
+            sum(range(1000))
+        ticks_during.append(ticks - start)
+        done.set()
+        return state.next_sequence(conn, "k", "a")
+
+    future = committer.submit(busy)
+    while not done.is_set():
+        ticks += 1
+        await asyncio.sleep(0.001)
+    assert await future == 1
+    assert ticks_during[0] > 0, "the loop ran timers while the unit was busy"
+    committer.close()
+
+
+async def test_many_waiting_callers_are_answered_a_slice_per_turn_and_none_is_lost_on_cancel() -> None:
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in range(10 * wakeups.SLICE)]
+    turns = 0
+    answering = asyncio.ensure_future(wakeups.answer([(f, i) for i, f in enumerate(futures)]))
+    while not answering.done():
+        await asyncio.sleep(0)
+        turns += 1
+        assert sum(f.done() for f in futures) <= (turns + 1) * wakeups.SLICE, "at most a slice per turn"
+    assert [f.result() for f in futures] == list(range(10 * wakeups.SLICE))
+
+    futures = [loop.create_future() for _ in range(10 * wakeups.SLICE)]
+    answering = asyncio.ensure_future(wakeups.answer([(f, ValueError(i)) for i, f in enumerate(futures)]))
+    await asyncio.sleep(0)
+    answering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await answering
+    assert all(isinstance(f.exception(), ValueError) for f in futures), "the rest were answered at the cancel"
