@@ -349,10 +349,13 @@ class Batcher(Generic[P, R]):
 
     async def _unit(self) -> None:
         taken: list[tuple[P, asyncio.Future[R]]] = []
+        started = False  # set on the committer's thread, under the lock
         loop = asyncio.get_running_loop()
 
         def unit(conn: sqlite3.Connection) -> list[R | Exception]:
+            nonlocal started
             with self._lock:
+                started = True
                 while self._waiting and len(taken) < MAX_BATCH:
                     request, future = self._waiting.popleft()
                     if not future.done():
@@ -366,8 +369,8 @@ class Batcher(Generic[P, R]):
         try:
             outcomes = await self._committer.run(unit)
         except Exception as exc:
-            if not taken:  # the unit never started (the state stayed locked): nothing waiting will be taken by it
-                with self._lock:
+            with self._lock:  # the unit never started (the state stayed locked): nothing waiting will be taken by it
+                if not started:  # (one that started and took nothing leaves the waiting to the next unit)
                     taken, self._waiting, self._queued = list(self._waiting), collections.deque(), False
             for _, future in taken:
                 if not future.done():
