@@ -71,3 +71,46 @@ async def test_a_failed_unit_that_took_nothing_does_not_fail_requests_of_the_nex
         assert await later == "done b", "the request is served by its own unit, not failed by a group it was not in"
     assert isinstance(crashed.exception(), Exception), "the crashing unit's own caller is told"
     committer.close()
+
+
+async def test_a_cancelled_driver_leaves_no_caller_waiting_and_the_next_request_is_served(tmp_path: Path) -> None:
+    committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    batcher: Batcher[str, str] = Batcher(committer, _echo)
+    hold, held = threading.Event(), threading.Event()
+
+    def blocker(conn: sqlite3.Connection) -> None:
+        held.set()
+        hold.wait(WAIT_S)
+
+    blocked = committer.submit(blocker)
+    await _until(held)
+    first = asyncio.create_task(batcher.submit("a"))
+    await asyncio.sleep(0)  # the caller has queued its request and started a driver for it
+    await asyncio.sleep(0)  # the driver has queued its unit behind the blocker
+    (driver,) = batcher._drivers
+    driver.cancel()  # e.g. the loop shutting down tasks
+    await asyncio.wait([driver])
+    hold.set()
+    await blocked
+    async with asyncio.timeout(WAIT_S):
+        outcome = (await asyncio.gather(first, return_exceptions=True))[0]
+    assert outcome == "done a" or isinstance(outcome, Exception), "the caller is answered, never left waiting"
+    async with asyncio.timeout(WAIT_S):
+        assert await batcher.submit("b") == "done b", "a later request is still served"
+    committer.close()
+
+
+async def test_a_driver_cancelled_before_it_ran_does_not_stall_every_later_request(tmp_path: Path) -> None:
+    committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    batcher: Batcher[str, str] = Batcher(committer, _echo)
+    first = asyncio.create_task(batcher.submit("a"))
+    await asyncio.sleep(0)  # the caller has queued its request and created a driver, which has not run yet
+    (driver,) = batcher._drivers
+    driver.cancel()
+    await asyncio.wait([driver])
+    async with asyncio.timeout(WAIT_S):
+        outcome = (await asyncio.gather(first, return_exceptions=True))[0]
+    assert outcome == "done a" or isinstance(outcome, Exception), "the caller is answered, never left waiting"
+    async with asyncio.timeout(WAIT_S):
+        assert await batcher.submit("b") == "done b", "a later request is still served"
+    committer.close()
