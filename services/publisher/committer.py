@@ -112,15 +112,15 @@ class GroupCommitter:
             Whatever ``fn`` raises.
         """
         job = self._enqueue(fn)
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await asyncio.shield(job.future)
-        except TimeoutError:
-            with self._lock:
-                if not job.started:  # not started: it never will be
-                    job.withdrawn = True
-                    raise StoreUnavailable("publisher state is locked by another process; try again") from None
-            return await job.future  # it is running or done: its outcome is on its way
+        while True:  # a unit taken into a group may be put back (over the budget, lock taken): look again
+            try:
+                async with asyncio.timeout(self.timeout):
+                    return await asyncio.shield(job.future)
+            except TimeoutError:
+                with self._lock:
+                    if not job.started:  # not started: it never will be
+                        job.withdrawn = True
+                        raise StoreUnavailable("publisher state is locked by another process; try again") from None
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Queue ``fn`` for the next group without waiting; its failure is logged (nobody awaits it).
