@@ -199,8 +199,8 @@ class GroupCommitter:
         while group:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if _locked(exc):
+            except sqlite3.Error as exc:  # not only OperationalError: a damaged file raises DatabaseError
+                if isinstance(exc, sqlite3.OperationalError) and _locked(exc):
                     if first:
                         return False
                     self._put_back(group)  # a run again found the lock taken: the next group's

@@ -199,3 +199,26 @@ async def test_a_caller_whose_unit_was_put_back_gets_a_503_while_the_state_stays
     assert await committer.run(lambda c: state.counter(c, "k", "j")) == 0, "the unit never ran"
     committer.close()
     other.close()
+
+
+async def test_a_begin_that_fails_with_a_damaged_database_fails_its_group_and_the_committer_goes_on(
+    tmp_path: Path,
+) -> None:
+    """SQLite can refuse BEGIN with an error that is not about a lock (SQLITE_CORRUPT / SQLITE_NOTADB: a file damaged
+    or replaced under the running service): its callers get StoreUnavailable, never a wait without end, and the
+    committer still serves the next group."""
+    path = tmp_path / "s.sqlite3"
+    state.connect(path).close()
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_HookedConnection)
+    conn.execute("PRAGMA busy_timeout=0")
+    committer = GroupCommitter(conn, timeout=0.5)
+
+    def damaged() -> None:
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    conn.before_begin = damaged
+    async with asyncio.timeout(10):
+        with pytest.raises(StoreUnavailable):
+            await committer.run(_bump("a"))
+        assert await committer.run(_bump("a")) == 1, "the next group is served"
+    committer.close()
