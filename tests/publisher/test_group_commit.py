@@ -57,15 +57,25 @@ async def test_a_unit_that_raises_after_writing_leaves_nothing_and_its_group_is_
 
 async def test_a_unit_that_raises_before_writing_fails_alone(tmp_path: Path) -> None:
     committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    hold, held = threading.Event(), threading.Event()
+
+    def blocker(conn: sqlite3.Connection) -> None:  # the committer's thread is busy: the next three queue up
+        held.set()
+        hold.wait(10)
+
+    blocked = committer.submit(blocker)
+    assert await asyncio.to_thread(held.wait, 10)
     futures: list[asyncio.Future[Any]] = [
         committer.submit(_bump("a")), committer.submit(_refuse), committer.submit(_bump("a"))
     ]  # fmt: skip
+    hold.set()
+    await blocked
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert results[0] == 1
     assert isinstance(results[1], Refused)
     assert results[2] == 2
     assert committer.redone == 0
-    assert committer.groups == 1
+    assert committer.groups == 2, "the three were one group (after the blocker's)"
     committer.close()
 
 
