@@ -331,6 +331,7 @@ class Batcher(Generic[P, R]):
         self._waiting: collections.deque[tuple[P, asyncio.Future[R]]] = collections.deque()
         self._queued = False  # a unit is queued that has not taken its requests yet
         self._drivers: set[asyncio.Task[None]] = set()
+        self.batches = 0  # units that took at least one request
 
     async def submit(self, request: P) -> R:
         """Raises: whatever ``process`` gave for this request; StoreUnavailable (see GroupCommitter.run)."""
@@ -365,6 +366,7 @@ class Batcher(Generic[P, R]):
                     loop.call_soon_threadsafe(self._drive)
                 else:
                     self._queued = False
+                self.batches += bool(claim.taken)
             taken = claim.taken
             return self._process(conn, [request for request, _ in taken]) if taken else []
 
