@@ -112,15 +112,15 @@ class GroupCommitter:
             Whatever ``fn`` raises.
         """
         job = self._enqueue(fn)
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await asyncio.shield(job.future)
-        except TimeoutError:
-            with self._lock:
-                if not job.started:  # not started: it never will be
-                    job.withdrawn = True
-                    raise StoreUnavailable("publisher state is locked by another process; try again") from None
-            return await job.future  # it is running or done: its outcome is on its way
+        while True:  # a unit taken into a group may be put back (over the budget, lock taken): look again
+            try:
+                async with asyncio.timeout(self.timeout):
+                    return await asyncio.shield(job.future)
+            except TimeoutError:
+                with self._lock:
+                    if not job.started:  # not started: it never will be
+                        job.withdrawn = True
+                        raise StoreUnavailable("publisher state is locked by another process; try again") from None
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Queue ``fn`` for the next group without waiting; its failure is logged (nobody awaits it).
@@ -199,8 +199,8 @@ class GroupCommitter:
         while group:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if _locked(exc):
+            except sqlite3.Error as exc:  # not only OperationalError: a damaged file raises DatabaseError
+                if isinstance(exc, sqlite3.OperationalError) and _locked(exc):
                     if first:
                         return False
                     self._put_back(group)  # a run again found the lock taken: the next group's
@@ -331,6 +331,7 @@ class Batcher(Generic[P, R]):
         self._waiting: collections.deque[tuple[P, asyncio.Future[R]]] = collections.deque()
         self._queued = False  # a unit is queued that has not taken its requests yet
         self._drivers: set[asyncio.Task[None]] = set()
+        self.batches = 0  # units that took at least one request
 
     async def submit(self, request: P) -> R:
         """Raises: whatever ``process`` gave for this request; StoreUnavailable (see GroupCommitter.run)."""
@@ -343,34 +344,61 @@ class Batcher(Generic[P, R]):
         return await future
 
     def _drive(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._unit())
+        claim: _Claim[P, R] = _Claim()
+        task = asyncio.get_running_loop().create_task(self._unit(claim))
         self._drivers.add(task)
         task.add_done_callback(self._drivers.discard)
+        task.add_done_callback(lambda t: self._gone(claim) if t.cancelled() else None)
 
-    async def _unit(self) -> None:
-        taken: list[tuple[P, asyncio.Future[R]]] = []
+    async def _unit(self, claim: _Claim[P, R]) -> None:
         loop = asyncio.get_running_loop()
 
         def unit(conn: sqlite3.Connection) -> list[R | Exception]:
             with self._lock:
-                while self._waiting and len(taken) < MAX_BATCH:
+                if claim.abandoned:
+                    return []
+                claim.started = True
+                while self._waiting and len(claim.taken) < MAX_BATCH:
                     request, future = self._waiting.popleft()
                     if not future.done():
-                        taken.append((request, future))
+                        claim.taken.append((request, future))
                 if self._waiting:  # more than one batch's worth: the rest go in the next unit, queued now
                     loop.call_soon_threadsafe(self._drive)
                 else:
                     self._queued = False
+                self.batches += bool(claim.taken)
+            taken = claim.taken
             return self._process(conn, [request for request, _ in taken]) if taken else []
 
         try:
             outcomes = await self._committer.run(unit)
         except Exception as exc:
-            if not taken:  # the unit never started (the state stayed locked): nothing waiting will be taken by it
-                with self._lock:
-                    taken, self._waiting, self._queued = list(self._waiting), collections.deque(), False
-            for _, future in taken:
-                if not future.done():
-                    future.set_exception(exc)
+            self._fail(claim, exc)
             return
+        taken = claim.taken
         await wakeups.answer([(future, outcome) for (_, future), outcome in zip(taken, outcomes, strict=True)])
+
+    def _gone(self, claim: _Claim[P, R]) -> None:
+        """A driver was cancelled (the loop shutting down, say): none of its callers, nor of those it was to take,
+        is left waiting for an answer it will never give."""
+        self._fail(claim, StoreUnavailable("the publisher stopped before answering; repeat the request with the "
+                                           "same Idempotency-Key to learn its outcome"))  # fmt: skip
+
+    def _fail(self, claim: _Claim[P, R], exc: Exception) -> None:
+        with self._lock:  # the unit never started (the state stayed locked): nothing waiting will be taken by it
+            if not claim.started:  # (one that started and took nothing leaves the waiting to the next unit)
+                claim.abandoned = True  # if it runs after all (its driver was cancelled), it takes nothing
+                claim.taken, self._waiting, self._queued = list(self._waiting), collections.deque(), False
+        for _, future in claim.taken:
+            if not future.done():
+                future.set_exception(exc)
+
+
+@dataclass(eq=False)
+class _Claim(Generic[P, R]):
+    """What one batch unit took, shared by its driver (the loop's thread) and the unit (the committer's thread)
+    under ``Batcher._lock``."""
+
+    taken: list[tuple[P, asyncio.Future[R]]] = field(default_factory=list)
+    started: bool = False
+    abandoned: bool = False  # its driver gave up before it started

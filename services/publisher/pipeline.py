@@ -141,6 +141,11 @@ class EvidencePublisher:
         self.outbox.refuse_when(self._refusal)
         self._batches: Batcher[_Publication, _Done] = Batcher(self.committer, self._publish_batch)
 
+    @property
+    def batches(self) -> int:
+        """How many batches of publications and corrections were decided so far."""
+        return self._batches.batches
+
     def _refusal(self, row: state.OutboxRow) -> str | None:
         """Why receivers would refuse this envelope now (its key revoked before its sequence number), or None."""
         if self.registry is None:

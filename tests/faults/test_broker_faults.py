@@ -65,7 +65,7 @@ async def test_broker_killed_and_restarted_on_its_data_loses_nothing(
     try:
         await publish_until_done(publisher.url, entries, journal)
     finally:
-        assert await publisher.stop() == 0
+        assert await publisher.stop() == 0, publisher.output()[-3000:]
     counted = await audit(hub)
     row.add_audit(hub, counted, [e.metadata.item_id for e in entries])
     report.append(row)
@@ -134,7 +134,7 @@ async def test_broker_stopped_longer_than_the_delivery_timeout_bounds_every_wait
     try:
         await publish_until_done(publisher.url, entries, tmp_path / "all.journal")
     finally:
-        assert await publisher.stop() == 0
+        assert await publisher.stop() == 0, publisher.output()[-3000:]
     counted = await audit(hub)
     row.add_audit(hub, counted, [e.metadata.item_id for e in entries])
     report.append(row)
@@ -172,7 +172,7 @@ async def test_a_publisher_started_while_the_broker_is_stopped_waits_for_it_and_
     await until("ready once Kafka answers", 90, functools.partial(_ready, publisher))
     entries = hub.items(tmp_path / "files", "late", 3)
     await publish_until_done(publisher.url, entries, tmp_path / "late.journal")
-    assert await publisher.stop() == 0
+    assert await publisher.stop() == 0, publisher.output()[-3000:]
     row = Row("publisher started while the broker is stopped, broker resumed", runs=1,
               note="the start retries until Kafka answers (bounded by the start-up timeout), then serves")  # fmt: skip
     row.add_audit(hub, await audit(hub), [e.metadata.item_id for e in entries])

@@ -58,7 +58,7 @@ async def test_a_full_disk_is_a_503_that_keeps_nothing_and_the_publisher_recover
         filler.unlink()
         await publish_until_done(publisher.url, entries, tmp_path / "full.journal")
     finally:
-        assert await publisher.stop() == 0
+        assert await publisher.stop() == 0, publisher.output()[-3000:]
     row = Row("the publisher's disk full (a 6 MiB tmpfs), then space freed", runs=1, at_risk=len(full),
               note="uploads answered 503 and kept nothing; the service stayed up; all completed once space "
                    "returned")  # fmt: skip

@@ -59,7 +59,7 @@ async def test_publisher_killed_mid_batch_resumes_with_nothing_lost_or_published
         outcomes = await publish_until_done(publisher.url, entries, journal)
         assert all(o.status in ("published", "already-published") for o in outcomes)
     finally:
-        assert await publisher.stop() == 0
+        assert await publisher.stop() == 0, publisher.output()[-3000:]
     counted = await audit(hub)
     row.add_audit(hub, counted, [e.metadata.item_id for e in entries])
     report.append(row)
@@ -100,7 +100,7 @@ async def test_temporary_files_of_uploads_killed_mid_way_are_removed_at_the_next
     publisher = PublisherProcess(hub, data, name="publisher-after")
     await publisher.start()
     assert list(temporary.iterdir()) == [], "removed at start"
-    assert await publisher.stop() == 0
+    assert await publisher.stop() == 0, publisher.output()[-3000:]
     report.append(
         Row(
             "publisher SIGKILL during large uploads (temporary files)",

@@ -58,7 +58,7 @@ async def test_a_second_publisher_on_the_same_key_is_refused_or_fenced_and_nothi
         everything = [e for entries in items.values() for e in entries]
         await publish_until_done(survivor.url, everything, tmp_path / f"survivor-{run}.journal")
         published.extend(e.metadata.item_id for e in everything)
-        assert await survivor.stop() == 0
+        assert await survivor.stop() == 0, survivor.output()[-3000:]
     counted = await audit(hub)
     row.add_audit(hub, counted, published)
     report.append(row)

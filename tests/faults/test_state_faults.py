@@ -71,7 +71,7 @@ async def test_lost_emptied_old_or_wal_less_state_is_refused_then_recovered_and_
             await publish_until_done(publisher.url, entries, tmp_path / f"{prefix}.journal")
             published.extend(e.metadata.item_id for e in entries)
         finally:
-            assert await publisher.stop() == 0
+            assert await publisher.stop() == 0, publisher.output()[-3000:]
 
     await publish_more("first", 6)
     backup = tmp_path / "backup.sqlite3"
@@ -121,7 +121,7 @@ async def test_lost_emptied_old_or_wal_less_state_is_refused_then_recovered_and_
             await publish_until_done(publisher.url, fresh, tmp_path / f"after-{round_}.journal")
             published.extend(e.metadata.item_id for e in fresh)
         finally:
-            assert await publisher.stop() == 0
+            assert await publisher.stop() == 0, publisher.output()[-3000:]
     counted = await audit(hub)
     row.add_audit(hub, counted, published)
     report.append(row)
@@ -138,7 +138,7 @@ async def test_damaged_state_is_refused_with_exit_5_and_one_line(
     await publisher.start()
     entries = hub.items(tmp_path / "files", "dmg", 20)
     await publish_until_done(publisher.url, entries, tmp_path / "dmg.journal")
-    assert await publisher.stop() == 0
+    assert await publisher.stop() == 0, publisher.output()[-3000:]
     row = Row("state file damaged: a waiting envelope's bytes; 64 bytes of the outbox's sequence index", runs=2,
               note="refused with exit 5 (the envelope's signature; `PRAGMA integrity_check`); moved aside and "
                    "recovered")  # fmt: skip
@@ -167,7 +167,7 @@ async def test_damaged_state_is_refused_with_exit_5_and_one_line(
         outcomes = await publish_until_done(publisher.url, entries, tmp_path / "again.journal")
         assert {o.status for o in outcomes} == {"already-published"}
     finally:
-        assert await publisher.stop() == 0
+        assert await publisher.stop() == 0, publisher.output()[-3000:]
     row.add_audit(hub, await audit(hub), [e.metadata.item_id for e in entries])
     report.append(row)
     row.assert_clean()

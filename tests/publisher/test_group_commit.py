@@ -17,6 +17,7 @@ import pytest
 from services.publisher import state
 from services.publisher.committer import GROUP_BUDGET_S, GroupCommitter
 from services.shared import wakeups
+from services.shared.errors import StoreUnavailable
 
 
 class Refused(Exception):
@@ -56,15 +57,25 @@ async def test_a_unit_that_raises_after_writing_leaves_nothing_and_its_group_is_
 
 async def test_a_unit_that_raises_before_writing_fails_alone(tmp_path: Path) -> None:
     committer = GroupCommitter(state.connect(tmp_path / "s.sqlite3"))
+    hold, held = threading.Event(), threading.Event()
+
+    def blocker(conn: sqlite3.Connection) -> None:  # the committer's thread is busy: the next three queue up
+        held.set()
+        hold.wait(10)
+
+    blocked = committer.submit(blocker)
+    assert await asyncio.to_thread(held.wait, 10)
     futures: list[asyncio.Future[Any]] = [
         committer.submit(_bump("a")), committer.submit(_refuse), committer.submit(_bump("a"))
     ]  # fmt: skip
+    hold.set()
+    await blocked
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert results[0] == 1
     assert isinstance(results[1], Refused)
     assert results[2] == 2
     assert committer.redone == 0
-    assert committer.groups == 1
+    assert committer.groups == 2, "the three were one group (after the blocker's)"
     committer.close()
 
 
@@ -144,3 +155,80 @@ async def test_many_waiting_callers_are_answered_a_slice_per_turn_and_none_is_lo
     with pytest.raises(asyncio.CancelledError):
         await answering
     assert all(isinstance(f.exception(), ValueError) for f in futures), "the rest were answered at the cancel"
+
+
+class _HookedConnection(sqlite3.Connection):
+    """A real SQLite connection that runs ``before_begin`` once, just before its next ``BEGIN IMMEDIATE``."""
+
+    before_begin: Callable[[], object] | None = None
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        if sql == "BEGIN IMMEDIATE" and (hook := self.before_begin) is not None:
+            self.before_begin = None
+            hook()
+        return super().execute(sql, parameters)
+
+
+async def test_a_caller_whose_unit_was_put_back_gets_a_503_while_the_state_stays_locked(tmp_path: Path) -> None:
+    """A caller's timeout that passed while its unit was in a group (behind a long unit) and the unit was then put
+    back for the next group: if another writer holds the lock from then on, the caller still gets StoreUnavailable
+    instead of waiting for as long as the lock is held."""
+    path = tmp_path / "s.sqlite3"
+    state.connect(path).close()
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_HookedConnection)
+    conn.execute("PRAGMA busy_timeout=0")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    committer = GroupCommitter(conn, timeout=0.2)
+    hold, held, go = threading.Event(), threading.Event(), threading.Event()
+
+    def blocker(conn: sqlite3.Connection) -> None:
+        held.set()
+        hold.wait(10)
+
+    def long_unit(c: sqlite3.Connection) -> None:  # runs first in the group its caller's unit was taken into
+        go.wait(10)
+        conn.before_begin = lambda: other.execute("BEGIN IMMEDIATE")  # the next group finds the lock taken
+
+    blocked = committer.submit(blocker)
+    assert await asyncio.to_thread(held.wait, 10)
+    long = committer.submit(long_unit)
+    caller = asyncio.create_task(committer.run(_bump("j")))
+    await asyncio.sleep(0)  # the caller's unit is queued behind the long one: both go in the next group
+    hold.set()
+    await blocked
+    done, _ = await asyncio.wait([caller], timeout=committer.timeout * 2)  # the caller's timeout has passed
+    assert not done, "the long unit still runs"
+    go.set()
+    await long
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(StoreUnavailable):
+                await caller
+    finally:
+        other.execute("ROLLBACK")
+    assert await committer.run(lambda c: state.counter(c, "k", "j")) == 0, "the unit never ran"
+    committer.close()
+    other.close()
+
+
+async def test_a_begin_that_fails_with_a_damaged_database_fails_its_group_and_the_committer_goes_on(
+    tmp_path: Path,
+) -> None:
+    """SQLite can refuse BEGIN with an error that is not about a lock (SQLITE_CORRUPT / SQLITE_NOTADB: a file damaged
+    or replaced under the running service): its callers get StoreUnavailable, never a wait without end, and the
+    committer still serves the next group."""
+    path = tmp_path / "s.sqlite3"
+    state.connect(path).close()
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_HookedConnection)
+    conn.execute("PRAGMA busy_timeout=0")
+    committer = GroupCommitter(conn, timeout=0.5)
+
+    def damaged() -> None:
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    conn.before_begin = damaged
+    async with asyncio.timeout(10):
+        with pytest.raises(StoreUnavailable):
+            await committer.run(_bump("a"))
+        assert await committer.run(_bump("a")) == 1, "the next group is served"
+    committer.close()
