@@ -14,7 +14,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
+from services.cli.manifest import Entry
+from services.cli.publish import Journal, publish_all
+from services.publisher.core import parse_metadata
 from services.publisher.service import create_app
 from services.publisher.settings import PublisherSettings
 from services.shared.kafka import read_to_end
@@ -184,3 +188,44 @@ async def test_a_malformed_entry_is_named_by_its_index_and_field(batch: Batch) -
     status, _, body = await batch.post(_form(items, data))
     assert status == 422
     assert {"field": "items.1.sha256", "message": "the file's SHA-256: 64 lower-case hex characters"} in body["errors"]
+
+
+async def test_the_client_falls_back_to_one_request_per_file_on_a_publisher_without_the_batch_route(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """An older publisher answers 404 to the batch route: ``evhub publish`` sends each file on its own, and every
+    item is still published once."""
+    pki = create_dev_pki(tmp_path / "pki", ["publisher", "archivist"])
+    settings = PublisherSettings(
+        tls_cert=pki["publisher"].cert, tls_key=pki["publisher"].key, tls_ca=pki["publisher"].ca,
+        allowed_clients=["archivist"], jurisdictions=stack.jurisdictions, data_dir=tmp_path / "unused",
+    )  # fmt: skip
+    single: list[str] = []
+
+    @web.middleware
+    async def older(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/v1/evidence/batch":
+            raise web.HTTPNotFound()
+        single.append(request.path)
+        return await handler(request)
+
+    app = create_app(settings, publisher=stack.publisher, store=stack.store)
+    app.middlewares.insert(0, older)
+    runner = ProblemRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(pki["publisher"])).start()
+    try:
+        entries = []
+        for n in range(5):
+            path = tmp_path / f"frame-{n}.png"
+            path.write_bytes(png(seed=300 + n))
+            meta = metadata(f"SDG-OLD-{n}", stack.jurisdictions[:1], file_name=path.name)  # as the manifest sets it
+            entries.append(Entry(path, parse_metadata(meta), n + 1))
+        outcomes = await publish_all(entries, url=f"https://127.0.0.1:{runner.addresses[0][1]}",
+                                     ssl_context=client_context(pki["archivist"]),
+                                     journal=Journal(tmp_path / "journal.jsonl"), concurrency=2)  # fmt: skip
+    finally:
+        await runner.cleanup()
+    assert [o.status for o in outcomes] == ["published"] * 5, [o.error for o in outcomes]
+    assert single.count("/v1/evidence") == 5, "one request per file"
+    assert len(await read_to_end(stack.bootstrap, stack.topic(stack.jurisdictions[0]))) == 5
