@@ -294,7 +294,8 @@ class Row:
         self.redelivered += audit_.redelivered
         self.signed_twice += audit_.signed_twice
 
-    def assert_clean(self) -> None:
+    def assert_clean(self, context: str = "") -> None:
         """0 lost, 0 published twice, 0 signed twice — and 0 redelivered: the publisher reconciles with Kafka
-        before it sends anything again, so even the record-level duplicate window is closed."""
-        assert (self.lost, self.duplicated, self.signed_twice, self.redelivered) == (0, 0, 0, 0), self
+        before it sends anything again, so even the record-level duplicate window is closed. ``context`` (e.g. the
+        publisher's output) is shown when it fails."""
+        assert (self.lost, self.duplicated, self.signed_twice, self.redelivered) == (0, 0, 0, 0), f"{self}\n{context}"
