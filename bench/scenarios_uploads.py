@@ -34,6 +34,7 @@ from bench.scenarios_hub import sample_metadata
 from services.cli.manifest import Entry
 from services.cli.publish import DEFAULT_CONCURRENCY, Journal, Outcome, publish_all
 from services.publisher.core import parse_metadata
+from services.shared.durable_files import sync_dir
 
 MIB: Final = 1 << 20
 SMALL_MIN, SMALL_MAX = 2 << 10, 20 << 10
@@ -48,14 +49,6 @@ def _disk_dir(ctx: Context) -> Path:
     tmp.mkdir(parents=True)
     ctx.state.update(work=work, tmp=tmp)
     return tmp
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def _disk_setup(ctx: Context) -> None:
@@ -81,7 +74,7 @@ async def disk_write_fsync(ctx: Context) -> int:
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp / "in-disk", final)
-        _fsync_dir(final.parent)
+        sync_dir(final.parent)
     final.unlink()
     ctx.shape = f"1 file x {ctx.events:,} MiB"
     return ctx.events
@@ -242,7 +235,7 @@ async def disk_write_files(ctx: Context) -> int:
             folder = objects / f"{n % 256:02x}"
             folder.mkdir(exist_ok=True)
             os.replace(part, folder / f"f{n}")
-            _fsync_dir(folder)
+            sync_dir(folder)
     shutil.rmtree(objects)
     objects.mkdir()
     ctx.shape = f"{len(blobs):,} files, {sum(ctx.state['sizes']) / MIB:,.1f} MiB, one at a time"
